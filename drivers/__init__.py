@@ -1,0 +1,1 @@
+"""Hardware drivers. Each family imports only gateway's leaf modules (events, errors, driver)."""

@@ -1,0 +1,308 @@
+"""Configuration: one YAML file parsed once into frozen pydantic models.
+
+Unknown keys are rejected everywhere. Each device is validated by its driver
+family's own model (found through the registry). Errors are collected and
+rendered as ``FILE: path.to.field: message``; the CLI exits 2 on them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.driver import ID_PATTERN, DeviceConfig, DriverContext
+from gateway.errors import ConfigError
+from gateway.events import Severity
+from gateway.registry import families
+
+REGION_PATTERN = r"^\d{6}$"  # GB/T 2260 administrative division code
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Identity(Model):
+    school: str = Field(pattern=ID_PATTERN, description="school id, a topic level")
+    gateway: str = Field(pattern=ID_PATTERN, description="gateway id, a topic level")
+    region: str = Field(default="", description="6-digit GB/T 2260 code; empty if not used")
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        if v and not re.match(REGION_PATTERN, v):
+            raise ValueError("must be a 6-digit GB/T 2260 administrative division code, e.g. 530102")
+        return v
+
+
+class Endpoint(Model):
+    """One broker: ``mqtt://host:port`` or ``mqtts://host:port`` (TLS)."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"{url!r}: scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"{url!r}: no host")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"{url!r}: {exc}") from exc
+        tls = parts.scheme == "mqtts"
+        return cls(host=parts.hostname, port=port or (8883 if tls else 1883), tls=tls)
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+class TlsConfig(Model):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = Field(default=False, description="skip hostname verification (lab use only)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class RouteConfig(Model):
+    """Which events an uplink gets: type patterns (``*`` wildcard) and a minimum severity."""
+
+    types: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    min_severity: Severity = Severity.INFO
+
+    @field_validator("types", "exclude")
+    @classmethod
+    def _patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            if not re.fullmatch(r"[a-z0-9_.*]+", p):
+                raise ValueError(f"{p!r}: a pattern is dotted lower-case names with * wildcards")
+        return v
+
+
+class UplinkConfig(Model):
+    name: str = Field(pattern=ID_PATTERN)
+    endpoints: tuple[Endpoint, ...] = Field(min_length=1, description="primary first, then backups")
+    client_id: str = ""
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TlsConfig = TlsConfig()
+    topic_prefix: str = "campus/{region}"
+    # 5 s keepalive: a frozen broker is noticed within 1.5 x keepalive (MQTT 3.1.1 s3.1.2.10),
+    # well inside the 30 s an alarm center tolerates; the traffic cost is 2 bytes every 5 s.
+    keepalive: float = Field(default=5.0, ge=1, le=600)
+    # Alarms must reach the center within about 2 s (the rules); no PUBACK by then is trouble.
+    alarm_deadline: float = Field(default=2.0, gt=0, le=120)
+    # 32 in flight: throughput saturates past 10 on loopback; more covers WAN round trips.
+    inflight: int = Field(default=32, ge=1, le=1000)
+    # Reconnect backoff: first retry soon (a broker restart takes ~1 s), capped so a
+    # long outage is probed every 10 s without hammering the center.
+    reconnect_initial: float = Field(default=0.25, gt=0, le=60)
+    reconnect_max: float = Field(default=10.0, gt=0, le=600)
+    # Connect (TCP + TLS + CONNACK) must finish in this time or the next endpoint is tried.
+    connect_timeout: float = Field(default=5.0, gt=0, le=120)
+    route: RouteConfig = RouteConfig()
+    # Per-uplink outbox bound (rows); when full the lowest priority, oldest, non-alarm rows go.
+    outbox_max_rows: int = Field(default=200_000, ge=100)
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _endpoints(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list | tuple):
+            return tuple(Endpoint.parse(x) if isinstance(x, str) else x for x in v)
+        return v
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if any(c in v for c in "#+") or v.startswith("/") or v.endswith("/"):
+            raise ValueError("no wildcards, no leading or trailing '/'")
+        try:
+            v.format(region="r", school="s", gateway="g")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"unknown placeholder {exc}; allowed: {{region}}, {{school}}, {{gateway}}") from exc
+        return v
+
+    def read_password(self) -> SecretStr | None:
+        if self.password_file is None:
+            return None
+        return SecretStr(self.password_file.read_text().strip())
+
+
+class ApiConfig(Model):
+    socket: Path | None = Path("/run/campus-gateway/api.sock")
+
+
+class GatewayConfig(Model):
+    identity: Identity
+    state_dir: Path = Path("/var/lib/campus-gateway")
+    profiles_dir: Path | None = None
+    # 30 s heartbeat: the education platform's online check runs every minute or two.
+    heartbeat_interval: float = Field(default=30.0, ge=1, le=3600)
+    api: ApiConfig = ApiConfig()
+    uplinks: tuple[UplinkConfig, ...] = Field(min_length=1)
+    devices: tuple[Annotated[DeviceConfig, Field()], ...] = ()
+
+    @property
+    def driver_context(self) -> DriverContext:
+        dirs = (self.profiles_dir,) if self.profiles_dir else ()
+        return DriverContext(profile_dirs=dirs)
+
+
+def _loc(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _issues(err: ValidationError, prefix: Sequence[int | str] = ()) -> list[tuple[str, str]]:
+    issues = []
+    for e in err.errors(include_url=False):
+        loc = [*prefix, *e["loc"]]
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required"
+        issues.append((_loc(loc), msg))
+    return issues
+
+
+def _yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(source, [(where, f"invalid YAML: {exc.problem}")]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [("", f"invalid YAML: {exc}")]) from exc
+
+
+def parse(data: Any, source: str, base_dir: Path | None = None) -> GatewayConfig:
+    """Validate a decoded YAML document. Relative paths are resolved against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, [("", "the top level must be a mapping")])
+    issues: list[tuple[str, str]] = []
+    raw_devices = data.get("devices") or []
+    core = {k: v for k, v in data.items() if k != "devices"}
+    cfg: GatewayConfig | None = None
+    try:
+        cfg = GatewayConfig.model_validate(_resolve_paths(core, base_dir))
+    except ValidationError as exc:
+        issues.extend(_issues(exc))
+    devices = _devices(raw_devices, issues)
+    if cfg is not None and not issues:
+        cfg = cfg.model_copy(update={"devices": tuple(devices)})
+        issues.extend(_semantic(cfg))
+    if issues or cfg is None:
+        raise ConfigError(source, issues)
+    return cfg
+
+
+def _resolve_paths(core: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    if base is None:
+        return core
+    out = dict(core)
+    for key in ("state_dir", "profiles_dir"):
+        if isinstance(out.get(key), str) and not Path(out[key]).is_absolute():
+            out[key] = str(base / out[key])
+    return out
+
+
+def _devices(raw: Any, issues: list[tuple[str, str]]) -> list[DeviceConfig]:
+    if not isinstance(raw, list):
+        issues.append(("devices", "must be a list"))
+        return []
+    known = families()
+    out: list[DeviceConfig] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            issues.append((f"devices[{i}]", "must be a mapping"))
+            continue
+        name = item.get("driver")
+        fam = known.get(name) if isinstance(name, str) else None
+        if fam is None:
+            choices = ", ".join(sorted(known)) or "none installed"
+            issues.append((f"devices[{i}].driver", f"unknown driver {name!r}; known: {choices}"))
+            continue
+        try:
+            out.append(fam.device_model.model_validate(item))
+        except ValidationError as exc:
+            issues.extend(_issues(exc, ("devices", i)))
+    return out
+
+
+def _semantic(cfg: GatewayConfig) -> list[tuple[str, str]]:
+    issues: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for i, dev in enumerate(cfg.devices):
+        if dev.id in seen:
+            issues.append((f"devices[{i}].id", f"duplicate device id {dev.id!r} (also devices[{seen[dev.id]}])"))
+        seen.setdefault(dev.id, i)
+    names: dict[str, int] = {}
+    for i, up in enumerate(cfg.uplinks):
+        if up.name in names:
+            issues.append((f"uplinks[{i}].name", f"duplicate uplink name {up.name!r}"))
+        names.setdefault(up.name, i)
+        if "{region}" in up.topic_prefix and not cfg.identity.region:
+            issues.append((f"uplinks[{i}].topic_prefix", "uses {region} but identity.region is not set"))
+        for field_name in ("password_file",):
+            path = getattr(up, field_name)
+            if path is not None and not path.is_file():
+                issues.append((f"uplinks[{i}].{field_name}", f"no such file: {path}"))
+        for field_name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(up.tls, field_name)
+            if path is not None and not path.is_file():
+                issues.append((f"uplinks[{i}].tls.{field_name}", f"no such file: {path}"))
+    index = {id(d): i for i, d in enumerate(cfg.devices)}
+    by_family: dict[str, list[DeviceConfig]] = {}
+    for dev in cfg.devices:
+        by_family.setdefault(dev.driver, []).append(dev)
+    known = families()
+    for name, devs in by_family.items():
+        for j, path, message in known[name].check(devs, cfg.driver_context):
+            where = f"devices[{index[id(devs[j])]}]" + (f".{path}" if path else "")
+            issues.append((where, message))
+    return issues
+
+
+def load(path: Path) -> GatewayConfig:
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [("", f"cannot read: {exc}")]) from exc
+    return parse(_yaml(text, source), source, base_dir=path.parent)
+
+
+LogFormat = Literal["json", "console", "auto"]

@@ -1,0 +1,120 @@
+"""The driver contract: the only part of the core (with events and errors) that drivers import.
+
+A hardware family is a :class:`DriverFamily`, registered as an entry point in the
+``campus_gateway.drivers`` group under the name that device configs give in
+``driver:``. The core validates each device's config with the family's
+``device_model``, builds one family instance with all of that family's devices,
+enters it (which opens shared links such as one Modbus hub per serial line), and
+runs each of its :class:`Driver` objects in its own task until cancelled.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.events import DeviceKind, DeviceRef, EventSink
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class DeviceConfig(BaseModel):
+    """Fields every device has; each family subclasses this with its own (extra keys rejected)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(pattern=ID_PATTERN, description="unique device id, also used in events and topics")
+    driver: str = Field(description="driver family name, e.g. modbus_alarm")
+    name: str = ""
+    location: str = ""
+
+
+class LinkState(enum.StrEnum):
+    """Connection state of a device, as the local API and heartbeat report it."""
+
+    STARTING = "starting"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+@dataclass
+class DeviceStatus:
+    """Live status of one device; drivers update it, the core reads it."""
+
+    state: LinkState = LinkState.STARTING
+    since: float = field(default_factory=time.time)
+    last_poll_ok: float | None = None
+    last_error: str | None = None
+    polls: int = 0
+    poll_errors: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def set_state(self, state: LinkState) -> bool:
+        """Set the state; True if it changed."""
+        if state is self.state:
+            return False
+        self.state = state
+        self.since = time.time()
+        return True
+
+
+@dataclass(frozen=True)
+class DriverContext:
+    """What the core hands a family: where profiles live. No MQTT, no outbox."""
+
+    profile_dirs: tuple[Path, ...] = ()
+
+
+class Driver(abc.ABC):
+    """One device. ``run`` loops until cancelled and handles its own transient errors."""
+
+    device: DeviceRef
+    status: DeviceStatus
+
+    @abc.abstractmethod
+    async def run(self, sink: EventSink) -> None:
+        """Watch the device and publish observations until cancelled. Only bugs propagate."""
+
+
+class DriverFamily(abc.ABC):
+    """All devices of one driver family, entered as one async context manager."""
+
+    name: ClassVar[str]
+    kind: ClassVar[DeviceKind]
+    device_model: ClassVar[type[DeviceConfig]]
+
+    def __init__(self, devices: Sequence[DeviceConfig], ctx: DriverContext) -> None:
+        self.devices = tuple(devices)
+        self.ctx = ctx
+
+    @classmethod
+    def check(cls, devices: Sequence[DeviceConfig], ctx: DriverContext) -> list[tuple[int, str, str]]:
+        """Semantic checks across this family's devices (profiles exist, addresses unique).
+
+        Returns (index into ``devices``, field path, message) triples; empty if all is well.
+        """
+        return []
+
+    @property
+    @abc.abstractmethod
+    def drivers(self) -> Sequence[Driver]:
+        """One driver per configured device, in config order."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None

@@ -1,0 +1,1 @@
+"""Hardware simulators, drivable from tests, the demo and the command line."""
