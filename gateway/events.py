@@ -201,3 +201,12 @@ class EventSink(Protocol):
     """Where drivers hand their observations. Returns once the event is durably taken."""
 
     async def publish(self, obs: Observation) -> None: ...
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of ``campus-event/1`` shipped in this package."""
+    from importlib.resources import files
+
+    text = files("gateway").joinpath("schema/campus-event-1.json").read_text(encoding="utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded

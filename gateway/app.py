@@ -1,0 +1,216 @@
+"""The composition root: one AsyncExitStack for resources, one TaskGroup for tasks.
+
+Start order: outbox -> driver families (links opened) -> uplinks and device loops.
+Stop order (bounded, well under systemd's TimeoutStopSec and the 5 s goal):
+device loops first (nothing new is produced), then uplinks finish in-flight
+publishes, publish ``offline`` and disconnect, then the outbox flushes and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+import structlog
+
+from gateway import __version__
+from gateway.config import GatewayConfig
+from gateway.driver import Driver, DriverFamily, LinkState
+from gateway.events import DeviceKind, DeviceRef, Event, Identity, Observation, Severity
+from gateway.outbox import Outbox
+from gateway.registry import families
+from gateway.router import Router
+from gateway.sdnotify import Notifier
+from gateway.tasks import cancel_and_wait
+from gateway.uplink import Uplink
+
+log = structlog.get_logger(__name__)
+
+DEVICE_STOP_TIMEOUT = 1.0  # device loops only await I/O with sub-second timeouts
+UPLINK_STOP_TIMEOUT = 2.5  # in-flight drain (1.5 s) plus the offline status and DISCONNECT
+RECENT_EVENTS = 200  # kept in memory for the local API's "recent events"
+
+
+class Pipeline:
+    """The sink drivers publish into: route, then append durably to the matching outboxes."""
+
+    def __init__(self, outbox: Outbox, router: Router) -> None:
+        self.outbox = outbox
+        self.router = router
+        self.recent: deque[Event] = deque(maxlen=RECENT_EVENTS)
+        self.by_type: Counter[str] = Counter()
+
+    async def publish(self, obs: Observation) -> None:
+        event = await self.outbox.append(obs, self.router.targets(obs))
+        self.recent.append(event)
+        self.by_type[obs.type] += 1
+
+
+class Reporter:
+    """Events the gateway raises about itself from synchronous callbacks (shedding, trouble)."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Observation] = asyncio.Queue()
+
+    def report(self, obs: Observation) -> None:
+        self._queue.put_nowait(obs)
+
+    async def run(self, sink: Pipeline) -> None:
+        while True:
+            obs = await self._queue.get()
+            await sink.publish(obs)
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.identity = Identity(cfg.identity.gateway, cfg.identity.school, cfg.identity.region)
+        self.notifier = notifier or Notifier()
+        self.started_at = time.time()
+        self.ref = DeviceRef(cfg.identity.gateway, DeviceKind.GATEWAY, "gateway")
+        self.reporter = Reporter()
+        self.drivers: list[Driver] = []
+        self.uplinks: list[Uplink] = []
+        self.pipeline: Pipeline | None = None
+        self._stop = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _on_shed(self, uplink: str, count: int, by_type: Any) -> None:
+        log.warning("outbox full: shed events", uplink=uplink, count=count, by_type=dict(by_type))
+        self.reporter.report(
+            Observation(
+                device=self.ref,
+                type="gateway.outbox_shed",
+                severity=Severity.MAJOR,
+                data={"uplink": uplink, "count": count, "by_type": dict(by_type)},
+            )
+        )
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        async with AsyncExitStack() as stack:
+            outbox = await stack.enter_async_context(
+                Outbox(
+                    cfg.state_dir / "outbox.db",
+                    self.identity,
+                    {u.name: u.outbox_max_rows for u in cfg.uplinks},
+                    on_shed=self._on_shed,
+                )
+            )
+            self.pipeline = Pipeline(outbox, Router.from_uplinks(cfg.uplinks))
+            for fam in await self._enter_families(stack):
+                self.drivers.extend(fam.drivers)
+            self.uplinks = [
+                Uplink(
+                    u,
+                    self.identity,
+                    outbox,
+                    report=self.reporter.report,
+                    birth=self.birth,
+                    heartbeat=self.health,
+                    heartbeat_interval=cfg.heartbeat_interval,
+                )
+                for u in cfg.uplinks
+            ]
+            await self.pipeline.publish(
+                Observation(
+                    device=self.ref,
+                    type="gateway.started",
+                    severity=Severity.INFO,
+                    data={"version": __version__, "pid": os.getpid(), "devices": len(self.drivers)},
+                )
+            )
+            await self._run_tasks(self.pipeline)
+
+    async def _enter_families(self, stack: AsyncExitStack) -> Sequence[DriverFamily]:
+        grouped: dict[str, list[Any]] = {}
+        for dev in self.cfg.devices:
+            grouped.setdefault(dev.driver, []).append(dev)
+        known = families()
+        out = []
+        for name, devs in grouped.items():
+            fam = known[name](devs, self.cfg.driver_context)
+            out.append(await stack.enter_async_context(fam))
+        return out
+
+    async def _run_tasks(self, sink: Pipeline) -> None:
+        async with asyncio.TaskGroup() as tg:
+            reporter = tg.create_task(self.reporter.run(sink), name="reporter")
+            devices = [tg.create_task(d.run(sink), name=f"device:{d.device.id}") for d in self.drivers]
+            uplinks = [tg.create_task(u.run(), name=f"uplink:{u.name}") for u in self.uplinks]
+            watchdog = tg.create_task(self._watchdog(), name="watchdog")
+            self.notifier.notify("READY=1\nSTATUS=running")
+            self.ready.set()
+            log.info("gateway running", devices=len(devices), uplinks=[u.name for u in self.uplinks])
+            await self._stop.wait()
+            log.info("gateway stopping")
+            self.notifier.notify("STOPPING=1")
+            await cancel_and_wait(*devices, timeout=DEVICE_STOP_TIMEOUT)
+            for u in self.uplinks:
+                u.stop()
+            await asyncio.wait(uplinks, timeout=UPLINK_STOP_TIMEOUT)
+            await cancel_and_wait(*uplinks, reporter, watchdog)
+        log.info("gateway stopped")
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            # The loop is alive if this task runs; systemd restarts us if it stops running.
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    # -- views for uplinks and the local API ---------------------------------------------------
+
+    def birth(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "school": self.identity.school,
+            "region": self.identity.region,
+            "devices": [d.device.as_dict() for d in self.drivers],
+        }
+
+    def health(self) -> dict[str, Any]:
+        states = Counter(d.status.state.value for d in self.drivers)
+        outbox = self.pipeline.outbox if self.pipeline else None
+        return {
+            "uptime": round(time.time() - self.started_at, 1),
+            "devices": {"total": len(self.drivers), **{s.value: states.get(s.value, 0) for s in LinkState}},
+            "seq": outbox.last_seq if outbox else None,
+            "uplinks": {
+                u.name: {
+                    "state": u.state.value,
+                    "depth": outbox.depth(u.name) if outbox else None,
+                    "oldest_age": outbox.oldest_age(u.name) if outbox else None,
+                }
+                for u in self.uplinks
+            },
+        }
+
+
+def install_signal_handlers(gw: Gateway) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, gw.stop)
+
+
+async def serve(cfg: GatewayConfig) -> None:
+    gw = Gateway(cfg)
+    install_signal_handlers(gw)
+    try:
+        await gw.run()
+    finally:
+        gw.notifier.close()

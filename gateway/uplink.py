@@ -1,0 +1,368 @@
+"""One uplink = one platform: drains its outbox over MQTT QoS 1, in order, without loss.
+
+Rows leave the outbox only on PUBACK (the acked cursor advances over the
+contiguous acknowledged prefix). After any reconnect, delivery resumes from the
+cursor, so messages that were in flight are sent again with the same bytes
+(consumers dedupe on ``id``). Endpoints are tried in order; a connection that
+fails, or an alarm not acknowledged within ``alarm_deadline``, moves the uplink
+to the next endpoint. Reconnects back off (capped, jittered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from gateway.backoff import Backoff
+from gateway.config import Endpoint, UplinkConfig
+from gateway.errors import UplinkError
+from gateway.events import DeviceKind, DeviceRef, EventState, Identity, Observation, Severity, format_time
+from gateway.logs import RateLimited
+from gateway.mqtt import MqttConnection, Will
+from gateway.outbox import Outbox, Row
+from gateway.tasks import cancel_and_wait
+
+log = structlog.get_logger(__name__)
+
+READ_BATCH = 256  # rows per outbox read: amortises the thread hop, small enough to stay fresh
+# How long a clean stop may spend finishing in-flight publishes before it disconnects;
+# the whole daemon must stop within 5 s (systemd TimeoutStopSec is larger still).
+STOP_DRAIN_TIMEOUT = 1.5
+
+
+class UplinkState(enum.StrEnum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"
+
+
+class _Failover(Exception):  # noqa: N818 - internal control flow, not an error to report
+    """Delivery supervision gave up on this endpoint."""
+
+
+@dataclass
+class UplinkStats:
+    published: int = 0
+    acked: int = 0
+    connects: int = 0
+    connect_failures: int = 0
+    failovers: int = 0
+    last_puback_latency: float | None = None
+    publish_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+
+
+def topic_base(cfg: UplinkConfig, ident: Identity) -> str:
+    prefix = cfg.topic_prefix.format(region=ident.region, school=ident.school, gateway=ident.gateway)
+    return f"{prefix}/{ident.school}/{ident.gateway}"
+
+
+def tls_context(cfg: UplinkConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(cfg.tls.ca_file) if cfg.tls.ca_file else None)
+    if cfg.tls.cert_file and cfg.tls.key_file:
+        ctx.load_cert_chain(str(cfg.tls.cert_file), str(cfg.tls.key_file))
+    if cfg.tls.insecure:
+        ctx.check_hostname = False
+    return ctx
+
+
+GATEWAY_DEVICE_KIND = DeviceKind.GATEWAY
+
+
+class Uplink:
+    """Delivers one outbox stream to one platform. ``run`` until cancelled or :meth:`stop`."""
+
+    def __init__(
+        self,
+        cfg: UplinkConfig,
+        identity: Identity,
+        outbox: Outbox,
+        *,
+        report: Callable[[Observation], None],
+        birth: Callable[[], Mapping[str, Any]],
+        heartbeat: Callable[[], Mapping[str, Any]],
+        heartbeat_interval: float,
+    ) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.identity = identity
+        self.outbox = outbox
+        self.base = topic_base(cfg, identity)
+        self._report = report
+        self._birth = birth
+        self._heartbeat = heartbeat
+        self._heartbeat_interval = heartbeat_interval
+        self.state = UplinkState.IDLE
+        self.endpoint: Endpoint | None = None
+        self.stats = UplinkStats()
+        self._stopping = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._limiter = RateLimited()
+        self._trouble_active = False
+        self._log = log.bind(uplink=cfg.name)
+        self._password = cfg.read_password()
+        self._tls = tls_context(cfg) if any(e.tls for e in cfg.endpoints) else None
+        self._gateway_ref = DeviceRef(identity.gateway, DeviceKind.GATEWAY, "gateway")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask for a clean stop: finish in-flight publishes (bounded), publish offline, disconnect."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        backoff = Backoff(initial=self.cfg.reconnect_initial, cap=self.cfg.reconnect_max)
+        index = 0
+        failures_in_round = 0
+        while not self._stopping.is_set():
+            endpoint = self.cfg.endpoints[index]
+            healthy = await self._connect_and_deliver(endpoint)
+            if self._stopping.is_set():
+                break
+            if healthy:
+                backoff.reset()
+                failures_in_round = 0
+                continue  # the endpoint worked for a while: try it again first
+            failures_in_round += 1
+            index = (index + 1) % len(self.cfg.endpoints)
+            if failures_in_round >= len(self.cfg.endpoints):
+                failures_in_round = 0
+                self.state = UplinkState.BACKOFF
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff.next_delay())
+        self.state = UplinkState.STOPPED
+
+    async def _connect_and_deliver(self, endpoint: Endpoint) -> bool:
+        """One connection's life. True if it was up and lost later (worth retrying at once)."""
+        self.state = UplinkState.CONNECTING
+        self.endpoint = endpoint
+        will = Will(f"{self.base}/status", self._status_payload("offline"), qos=1, retain=True)
+        conn = MqttConnection(
+            name=self.name,
+            host=endpoint.host,
+            port=endpoint.port,
+            client_id=self.cfg.client_id or f"{self.identity.gateway}-{self.name}",
+            keepalive=self.cfg.keepalive,
+            connect_timeout=self.cfg.connect_timeout,
+            max_inflight=self.cfg.inflight,
+            tls=self._tls if endpoint.tls else None,
+            username=self.cfg.username,
+            password=self._password.get_secret_value() if self._password else None,
+            will=will,
+        )
+        established = False
+        try:
+            async with conn:
+                established = True
+                self.stats.connects += 1
+                self.state = UplinkState.CONNECTED
+                self._limiter.clear("connect")
+                self._log.info("uplink connected", endpoint=str(endpoint))
+                await self._session(conn)
+                return True
+        except UplinkError as exc:
+            if not established:
+                self.stats.connect_failures += 1
+            suppressed = self._limiter.should_log("connect")
+            if suppressed is not None:
+                self._log.warning("uplink down", endpoint=str(endpoint), error=str(exc), repeats=suppressed)
+            return established
+        except _Failover:
+            self.stats.failovers += 1
+            return False
+
+    # -- the session ---------------------------------------------------------------------------
+
+    async def _session(self, conn: MqttConnection) -> None:
+        await conn.publish(f"{self.base}/status", self._status_payload("online"), qos=1, retain=True)
+        # Not a TaskGroup: the delivery loop's own errors must surface as themselves, not wrapped.
+        beat = asyncio.create_task(self._heartbeat_loop(conn), name=f"uplink:{self.name}:heartbeat")
+        try:
+            await self._deliver(conn)
+        finally:
+            await cancel_and_wait(beat)
+        if self._stopping.is_set() and conn.connected:
+            with contextlib.suppress(UplinkError, TimeoutError):
+                fut = conn.publish(f"{self.base}/status", self._status_payload("offline"), qos=1, retain=True)
+                await asyncio.wait_for(fut, STOP_DRAIN_TIMEOUT)
+
+    async def _deliver(self, conn: MqttConnection) -> None:
+        """Publish outbox rows in order with a window; advance the cursor on PUBACK."""
+        wakeup = self.outbox.wakeup(self.name)
+        pending: dict[int, tuple[Row, asyncio.Future[None], float]] = {}
+        buffer: deque[Row] = deque()
+        last_read = 0
+        stop_deadline: float | None = None
+        closed = asyncio.ensure_future(conn.wait_closed())
+        try:
+            while True:
+                if self._stopping.is_set():
+                    stop_deadline = stop_deadline or time.monotonic() + STOP_DRAIN_TIMEOUT
+                    if not pending or time.monotonic() >= stop_deadline:
+                        return
+                else:
+                    last_read = await self._fill(conn, pending, buffer, last_read, wakeup)
+                self._collect(pending)
+                self._supervise(pending)
+                if closed.done():
+                    raise UplinkError(self.name, conn.close_reason or "connection lost")
+                await self._wait_progress(wakeup, closed, pending, stop_deadline)
+        finally:
+            await cancel_and_wait(closed)
+            for _, fut, _ in pending.values():
+                fut.cancel()
+
+    async def _fill(
+        self,
+        conn: MqttConnection,
+        pending: dict[int, tuple[Row, asyncio.Future[None], float]],
+        buffer: deque[Row],
+        last_read: int,
+        wakeup: asyncio.Event,
+    ) -> int:
+        window = self.cfg.inflight
+        while len(pending) < window:
+            if not buffer:
+                wakeup.clear()  # cleared before the read: a commit after it sets it again
+                rows = await self.outbox.read(self.name, last_read, READ_BATCH)
+                if not rows:
+                    break
+                buffer.extend(rows)
+                last_read = rows[-1].rowid
+            row = buffer.popleft()
+            fut = conn.publish(f"{self.base}/events/{row.type.replace('.', '/')}", row.payload, qos=1)
+            fut.add_done_callback(self._on_done)
+            pending[row.rowid] = (row, fut, time.monotonic())
+            self.stats.published += 1
+        return last_read
+
+    def _on_done(self, _fut: asyncio.Future[None]) -> None:
+        self._progress.set()
+
+    def _collect(self, pending: dict[int, tuple[Row, asyncio.Future[None], float]]) -> None:
+        """Advance the cursor over the acknowledged prefix (dict order is publish order)."""
+        upto = None
+        now = time.monotonic()
+        while pending:
+            rowid, (_row, fut, sent) = next(iter(pending.items()))
+            if not fut.done():
+                break
+            if fut.cancelled() or fut.exception() is not None:
+                exc = None if fut.cancelled() else fut.exception()
+                raise UplinkError(self.name, f"publish failed: {exc}")
+            del pending[rowid]
+            upto = rowid
+            self.stats.acked += 1
+            latency = now - sent
+            self.stats.last_puback_latency = latency
+            self.stats.publish_latencies.append(latency)
+        if upto is not None:
+            self.outbox.ack(self.name, upto)
+            if self._trouble_active:
+                self._trouble_active = False
+                self._raise_trouble(EventState.CLEARED, "delivery restored", None)
+
+    def _supervise(self, pending: dict[int, tuple[Row, asyncio.Future[None], float]]) -> None:
+        """An alarm not PUBACKed within its deadline: trouble event, log once, fail over."""
+        now = time.monotonic()
+        for row, fut, sent in pending.values():
+            if row.type.startswith("alarm.") and not fut.done() and now - sent > self.cfg.alarm_deadline:
+                self._log.error(
+                    "alarm not acknowledged by broker in time; failing over",
+                    event_id=row.event_id,
+                    endpoint=str(self.endpoint),
+                    deadline=self.cfg.alarm_deadline,
+                )
+                if not self._trouble_active:
+                    self._trouble_active = True
+                    self._raise_trouble(EventState.ACTIVE, "alarm not acknowledged within deadline", row)
+                raise _Failover
+            if now - sent <= self.cfg.alarm_deadline:
+                break  # later rows were sent later still
+
+    async def _wait_progress(
+        self,
+        wakeup: asyncio.Event,
+        closed: asyncio.Future[None],
+        pending: dict[int, tuple[Row, asyncio.Future[None], float]],
+        stop_deadline: float | None,
+    ) -> None:
+        self._progress.clear()
+        if any(fut.done() for _, fut, _ in pending.values()):
+            return
+        waits: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(self._progress.wait()),
+            asyncio.ensure_future(self._stopping.wait()),
+        ]
+        if len(pending) < self.cfg.inflight:
+            waits.append(asyncio.ensure_future(wakeup.wait()))
+        timeout = self._next_deadline(pending, stop_deadline)
+        try:
+            await asyncio.wait([*waits, closed], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    def _next_deadline(
+        self, pending: dict[int, tuple[Row, asyncio.Future[None], float]], stop_deadline: float | None
+    ) -> float | None:
+        now = time.monotonic()
+        deadlines = [sent + self.cfg.alarm_deadline for row, _, sent in pending.values() if row.type.startswith("alarm.")][:1]
+        if stop_deadline is not None:
+            deadlines.append(stop_deadline)
+        return max(0.0, min(deadlines) - now) + 0.001 if deadlines else None
+
+    # -- status, heartbeat, trouble -------------------------------------------------------------
+
+    def _status_payload(self, state: str) -> bytes:
+        body: dict[str, Any] = {"state": state, "gateway": self.identity.gateway, "at": format_time(time.time())}
+        if state == "online":
+            body.update(self._birth())
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+    async def _heartbeat_loop(self, conn: MqttConnection) -> None:
+        topic = f"{self.base}/heartbeat"
+        while True:
+            body = {"gateway": self.identity.gateway, "at": format_time(time.time()), **self._heartbeat()}
+            payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            with contextlib.suppress(UplinkError):
+                conn.publish(topic, payload, qos=0)
+            await asyncio.sleep(self._heartbeat_interval)
+
+    def _raise_trouble(self, state: EventState, reason: str, row: Row | None) -> None:
+        data: dict[str, Any] = {"uplink": self.name, "endpoint": str(self.endpoint), "reason": reason}
+        if row is not None:
+            data["event_id"] = row.event_id
+        self._report(
+            Observation(
+                device=self._gateway_ref,
+                type="uplink.trouble",
+                severity=Severity.MAJOR,
+                state=state,
+                data=data,
+            )
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "endpoint": str(self.endpoint) if self.endpoint else None,
+            "depth": self.outbox.depth(self.name),
+            "oldest_age": self.outbox.oldest_age(self.name),
+            "published": self.stats.published,
+            "acked": self.stats.acked,
+            "connects": self.stats.connects,
+            "failovers": self.stats.failovers,
+        }
