@@ -232,8 +232,23 @@ def parse(data: Any, source: str, base_dir: Path | None = None) -> GatewayConfig
 def _resolve_paths(core: dict[str, Any], base: Path | None) -> dict[str, Any]:
     if base is None:
         return core
-    out = dict(core)
-    for key in ("state_dir", "profiles_dir"):
+    out = _rebase(core, ("state_dir", "profiles_dir"), base)
+    if isinstance(out.get("uplinks"), list):
+        ups = []
+        for up in out["uplinks"]:
+            if isinstance(up, dict):
+                up = _rebase(up, ("password_file",), base)
+                if isinstance(up.get("tls"), dict):
+                    up["tls"] = _rebase(up["tls"], ("ca_file", "cert_file", "key_file"), base)
+            ups.append(up)
+        out["uplinks"] = ups
+    return out
+
+
+def _rebase(node: dict[str, Any], keys: Sequence[str], base: Path) -> dict[str, Any]:
+    """Relative path values are relative to the config file's directory."""
+    out = dict(node)
+    for key in keys:
         if isinstance(out.get(key), str) and not Path(out[key]).is_absolute():
             out[key] = str(base / out[key])
     return out

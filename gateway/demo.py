@@ -1,0 +1,211 @@
+"""``campus-gateway demo``: the whole system on one machine, nothing to set up.
+
+An embedded MQTT broker (amqtt) on a free loopback port (or ``--broker URL``), a
+simulated school of alarm boxes, the gateway with two uplinks (police and
+education) and a live view of what each platform receives. A scripted scenario
+presses buttons, resets latches, opens a box's lid and cuts a line, so something
+happens without input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from gateway import config as config_mod
+from gateway import logs
+from gateway.app import Gateway
+from gateway.mqtt import MqttConnection
+
+REGION = "530102"
+SCHOOL = "demo-school"
+GATEWAY = "gw-demo"
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=0, help="stop after N seconds (default: until Ctrl-C)")
+    parser.add_argument("--broker", default="", help="use this broker (mqtt://host:port) instead of an embedded one")
+    parser.add_argument("--boxes", type=int, default=4, help="simulated alarm boxes (default 4)")
+    parser.add_argument("--state-dir", default="", help="keep the outbox here (default: a temporary directory)")
+    parser.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_demo(args.duration, args.broker, args.boxes, args.state_dir))
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def embedded_broker() -> AsyncIterator[tuple[str, int]]:
+    """amqtt on a free loopback port: starts in ~15 ms, enough for a demo (not for broker tests)."""
+    from amqtt.broker import Broker
+
+    port = free_port()
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+    )
+    await broker.start()
+    try:
+        yield "127.0.0.1", port
+    finally:
+        await broker.shutdown()
+
+
+def school_config(host: str, port: int, boxes: list[tuple[str, int, str]], state_dir: Path) -> dict[str, Any]:
+    return {
+        "identity": {"school": SCHOOL, "gateway": GATEWAY, "region": REGION},
+        "state_dir": str(state_dir),
+        "heartbeat_interval": 10,
+        "api": {"socket": None},
+        "uplinks": [
+            {"name": "police", "endpoints": [f"mqtt://{host}:{port}"], "topic_prefix": "campus/{region}"},
+            {
+                "name": "education",
+                "endpoints": [f"mqtt://{host}:{port}"],
+                "topic_prefix": "edu/{region}",
+                "route": {"types": ["alarm.*", "device.*", "gateway.*"], "min_severity": "minor"},
+            },
+        ],
+        "devices": [
+            {
+                "id": box_id,
+                "driver": "modbus_alarm",
+                "name": name,
+                "location": name,
+                "host": "127.0.0.1",
+                "port": box_port,
+                "profile": "generic-8di",
+                "poll_interval": 0.1,
+            }
+            for box_id, box_port, name in boxes
+        ],
+    }
+
+
+PLACES = ["Main gate guard room", "Kindergarten block", "Dormitory A", "Playground"]
+
+
+def _line(platform: str, topic: str, payload: bytes) -> str:
+    stamp = time.strftime("%H:%M:%S")
+    if "/events/" not in topic:
+        kind = topic.rsplit("/", 1)[-1]
+        return f"{stamp}  {platform:<9} {kind:<22} {payload[:60].decode(errors='replace')}"
+    body = json.loads(payload)
+    data = body.get("data", {})
+    zone = f" zone {data['zone']} {data.get('zone_name', '')}" if "zone" in data else ""
+    cid = f" CID {data['contact_id']}" if "contact_id" in data else ""
+    state = body.get("state", "")
+    return (
+        f"{stamp}  {platform:<9} {body['type']:<22} {state:<8} {body['severity']:<8} "
+        f"{body['device']['id']}{zone}{cid}  seq {body['seq']}"
+    )
+
+
+async def platform_view(host: str, port: int, platform: str, topic: str, out: Callable[[str], None]) -> None:
+    def on_message(t: str, payload: bytes, retain: bool) -> None:
+        if not t.endswith("/heartbeat"):
+            out(_line(platform, t, payload))
+
+    conn = MqttConnection(
+        name=f"demo-{platform}",
+        host=host,
+        port=port,
+        client_id=f"demo-platform-{platform}",
+        keepalive=10,
+        connect_timeout=5,
+        max_inflight=10,
+        on_message=on_message,
+    )
+    async with conn:
+        await conn.subscribe(topic, qos=1)
+        await conn.wait_closed()
+
+
+async def scenario(sims: list[Any], out: Callable[[str], None]) -> None:
+    """A loop of things that happen at a school, a few seconds apart."""
+    steps: list[tuple[float, str, Callable[[], Any]]] = [
+        (2.0, "Panic button pressed at the main gate", lambda: sims[0].press(0)),
+        (1.0, "Button released (the panic alarm stays latched)", lambda: sims[0].release(0)),
+        (4.0, "Guard resets the box with the key switch", lambda: sims[0].press(7)),
+        (0.5, "", lambda: sims[0].release(7)),
+        (3.0, "Someone opens the lid of a box (tamper)", lambda: sims[1 % len(sims)].tamper(True)),
+        (3.0, "Lid closed", lambda: sims[1 % len(sims)].tamper(False)),
+        (3.0, "Intrusion zone at the playground", lambda: sims[-1].press(1)),
+        (2.0, "Intrusion clears", lambda: sims[-1].release(1)),
+        (3.0, "A box loses power (goes silent)", lambda: sims[2 % len(sims)].silent()),
+        (5.0, "Power back", lambda: sims[2 % len(sims)].normal()),
+    ]
+    while True:
+        for delay, text, action in steps:
+            await asyncio.sleep(delay)
+            if text:
+                out(f"{time.strftime('%H:%M:%S')}  >>> {text}")
+            result = action()
+            if asyncio.iscoroutine(result):
+                await result
+
+
+async def run_demo(duration: float, broker: str, boxes: int, state_dir: str) -> None:
+    from simulators.alarm_box import AlarmBoxSimulator
+
+    logs.configure("warning", "console")
+    out = print
+    async with AsyncExitStack() as stack:
+        if broker:
+            parts = urlsplit(broker)
+            host, port = parts.hostname or "127.0.0.1", parts.port or 1883
+        else:
+            host, port = await stack.enter_async_context(embedded_broker())
+        sims = []
+        specs = []
+        for i in range(max(1, boxes)):
+            sim = await stack.enter_async_context(AlarmBoxSimulator(port=0, inputs=8))
+            sims.append(sim)
+            specs.append((f"box-{i + 1}", sim.port, PLACES[i % len(PLACES)]))
+        tmp = state_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="campus-demo-"))
+        cfg = config_mod.parse(school_config(host, port, specs, Path(tmp)), "demo")
+        out(f"campus-gateway demo: broker mqtt://{host}:{port}, {len(sims)} alarm boxes, uplinks police + education")
+        out("  police    subscribes campus/530102/#   (everything)")
+        out("  education subscribes edu/530102/#      (alarms, device and gateway events, minor and up)")
+        out("")
+        gw = Gateway(cfg)
+        async with asyncio.TaskGroup() as tg:
+            views = [
+                tg.create_task(platform_view(host, port, "police", f"campus/{REGION}/#", out), name="view:police"),
+                tg.create_task(platform_view(host, port, "education", f"edu/{REGION}/#", out), name="view:edu"),
+            ]
+            gw_task = tg.create_task(gw.run(), name="gateway")
+            await gw.ready.wait()
+            script = tg.create_task(scenario(sims, out), name="scenario")
+            try:
+                if duration > 0:
+                    await asyncio.sleep(duration)
+                else:
+                    await asyncio.Event().wait()
+            finally:
+                script.cancel()
+                gw.stop()
+                await asyncio.wait([gw_task], timeout=6)
+                for v in views:
+                    v.cancel()
+        out("demo stopped")
