@@ -1,0 +1,289 @@
+"""End to end: simulator -> real daemon (subprocess) -> two real mosquittos -> platform subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from gateway.events import schema
+from simulators.alarm_box import AlarmBoxSimulator
+from tests.support.broker import Mosquitto
+from tests.support.daemon import Daemon, base_config
+from tests.support.subscriber import Received, Subscriber, await_event, await_for
+
+VALIDATOR = jsonschema.Draft202012Validator(schema())
+POLICE_TOPIC = "campus/530102/sch-1/gw-1/#"
+EDU_TOPIC = "edu/530102/sch-1/gw-1/#"
+# Persistent brokers keep the platform's session (its subscription) across a kill, saved each second,
+# so what the gateway publishes right after a broker restart is queued for the platform, not dropped.
+PERSIST = ("autosave_interval 1",)
+
+
+def uplink(name: str, broker: Mosquitto, prefix: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "endpoints": [broker.url],
+        "topic_prefix": prefix,
+        "keepalive": 2,
+        "reconnect_initial": 0.2,
+        "reconnect_max": 1.0,
+        "connect_timeout": 2.0,
+        **extra,
+    }
+
+
+def box(box_id: str, port: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": box_id,
+        "driver": "modbus_alarm",
+        "name": f"Alarm box {box_id}",
+        "location": "Main gate",
+        "host": "127.0.0.1",
+        "port": port,
+        "profile": "generic-8di",
+        "poll_interval": 0.1,
+        **extra,
+    }
+
+
+def events_of(messages: list[Received]) -> list[dict[str, Any]]:
+    out = []
+    for m in messages:
+        if "/events/" in m.topic:
+            body = m.json()
+            VALIDATOR.validate(body)
+            assert m.topic.endswith("/events/" + body["type"].replace(".", "/")), m.topic
+            out.append(body)
+    return out
+
+
+def first_seen_seqs(events: list[dict[str, Any]]) -> list[int]:
+    seen: set[str] = set()
+    seqs = []
+    for e in events:
+        if e["id"] not in seen:
+            seen.add(e["id"])
+            seqs.append(e["seq"])
+    return seqs
+
+
+@pytest.fixture
+def brokers(tmp_path: Path) -> Iterator[tuple[Mosquitto, Mosquitto]]:
+    police = Mosquitto(tmp_path / "police", persistence=True, extra_conf=PERSIST).start()
+    edu = Mosquitto(tmp_path / "edu", persistence=True, extra_conf=PERSIST).start()
+    try:
+        yield police, edu
+    finally:
+        police.stop()
+        edu.stop()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[AlarmBoxSimulator]:
+    async with AlarmBoxSimulator(port=0, inputs=8) as s:
+        yield s
+
+
+async def test_panic_reaches_both_platforms_and_reset_clears(
+    tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto], sim: AlarmBoxSimulator
+) -> None:
+    police, edu = brokers
+    cfg = base_config(
+        tmp_path / "state",
+        [
+            uplink("police", police, "campus/{region}"),
+            uplink("education", edu, "edu/{region}", route={"types": ["alarm.*", "device.*"]}),
+        ],
+        [box("box-gate", sim.port)],
+    )
+    with Subscriber(police.port, POLICE_TOPIC) as p_sub, Subscriber(edu.port, EDU_TOPIC) as e_sub:
+        daemon = Daemon(tmp_path / "d", cfg)
+        await asyncio.to_thread(daemon.start)
+        try:
+            await await_event(p_sub, "gateway.started")
+            sim.press(0)
+            p_alarm = await await_event(p_sub, "alarm.panic", state="active")
+            e_alarm = await await_event(e_sub, "alarm.panic", state="active")
+            assert p_alarm["id"] == e_alarm["id"]
+            assert p_alarm["data"]["contact_id"] == 1120
+            assert p_alarm["severity"] == "critical"
+            assert p_alarm["device"]["id"] == "box-gate"
+            sim.release(0)
+            # The panic alarm latches: releasing the button clears nothing...
+            await asyncio.sleep(0.5)
+            assert not [e for e in events_of(p_sub.messages) if e["type"] == "alarm.panic" and e["state"] == "cleared"]
+            # ...until a person resets it with the key switch.
+            sim.press(7)
+            cleared = await await_event(p_sub, "alarm.panic", state="cleared")
+            await await_event(e_sub, "alarm.panic", state="cleared")
+            sim.release(7)
+            assert cleared["data"]["contact_id"] == 3120
+            # Education's route leaves out gateway.* events.
+            assert all(e["type"].split(".")[0] in ("alarm", "device") for e in events_of(e_sub.messages))
+            status = [m for m in p_sub.messages if m.topic.endswith("/status")]
+            assert status and status[-1].json()["state"] == "online"
+            assert status[-1].retain or len(status) >= 1
+        finally:
+            code, took = await asyncio.to_thread(daemon.terminate)
+        assert code == 0
+        assert took < 5.0, f"shutdown took {took:.1f} s"
+        offline = await await_for(
+            p_sub, lambda ms: [m for m in ms if m.topic.endswith("/status") and m.json()["state"] == "offline"]
+        )
+        assert offline
+
+
+async def _burst(sim: AlarmBoxSimulator, stop: asyncio.Event, period: float = 0.25) -> int:
+    """Toggle an intrusion input: every flip is an event. Bounded by ``stop`` and a count."""
+    flips = 0
+    for _ in range(2000):
+        if stop.is_set():
+            break
+        sim.set_input(1, flips % 2 == 0)
+        flips += 1
+        await asyncio.sleep(period)
+    return flips
+
+
+async def test_kill9_during_burst_with_one_broker_down_loses_nothing(
+    tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto], sim: AlarmBoxSimulator
+) -> None:
+    police, edu = brokers
+    cfg = base_config(
+        tmp_path / "state",
+        [uplink("police", police, "campus/{region}"), uplink("education", edu, "edu/{region}")],
+        [box("box-gate", sim.port)],
+    )
+    p_sub = Subscriber(police.port, POLICE_TOPIC, client_id="police-platform").start()
+    e_sub = Subscriber(edu.port, EDU_TOPIC, client_id="edu-platform").start()
+    try:
+        # The education broker goes down (its platform session saved) for the whole burst.
+        e_sub.stop()
+        edu.stop()
+        daemon = Daemon(tmp_path / "d", cfg)
+        stop = asyncio.Event()
+        burst = asyncio.create_task(_burst(sim, stop))
+        for _ in range(4):
+            await asyncio.to_thread(daemon.start)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(daemon.kill9)
+        await asyncio.to_thread(daemon.start)
+        await asyncio.sleep(1.0)
+        stop.set()
+        flips = await burst
+        edu.start()
+        e_sub = Subscriber(edu.port, EDU_TOPIC, client_id="edu-platform").start()
+
+        async def settled(sub: Subscriber) -> list[int]:
+            def complete(msgs: list[Received]) -> list[int] | None:
+                seqs = first_seen_seqs(events_of(msgs))
+                intrusions = [e for e in events_of(msgs) if e["type"] == "alarm.intrusion"]
+                return seqs if intrusions and seqs == list(range(seqs[0], seqs[0] + len(seqs))) else None
+
+            return await await_for(sub, complete, timeout=20)  # type: ignore[no-any-return]
+
+        await asyncio.to_thread(daemon.terminate)
+        last_seq = max(e["seq"] for e in events_of(p_sub.messages))
+        for sub in (p_sub, e_sub):
+            seqs = await settled(sub)
+            await await_for(sub, lambda ms: last_seq in first_seen_seqs(events_of(ms)), timeout=20)
+            seqs = first_seen_seqs(events_of(sub.messages))
+            # Every event the gateway committed, 1..N without a gap, first seen in seq order.
+            assert seqs == list(range(1, len(seqs) + 1)), seqs
+            assert seqs[-1] >= last_seq
+        assert flips > 10
+        starts = [e for e in events_of(p_sub.messages) if e["type"] == "gateway.started"]
+        assert len({e["id"] for e in starts}) == 5
+    finally:
+        p_sub.stop()
+        e_sub.stop()
+
+
+async def test_frozen_broker_then_killed_and_restarted_loses_nothing(
+    tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto], sim: AlarmBoxSimulator
+) -> None:
+    police, _edu = brokers
+    cfg = base_config(tmp_path / "state", [uplink("police", police, "campus/{region}")], [box("box-gate", sim.port)])
+    p_sub = Subscriber(police.port, POLICE_TOPIC, client_id="police-platform").start()
+    daemon = Daemon(tmp_path / "d", cfg)
+    try:
+        await asyncio.to_thread(daemon.start)
+        await await_event(p_sub, "gateway.started")
+        await asyncio.sleep(1.2)  # past one autosave: the platform's subscription is on disk
+        stop = asyncio.Event()
+        burst = asyncio.create_task(_burst(sim, stop, period=0.2))
+        await asyncio.sleep(0.5)
+        police.freeze()
+        await asyncio.sleep(20)  # the acceptance: frozen for 20 s while alarms keep happening
+        police.kill()
+        police.start()
+        stop.set()
+        flips = await burst
+        # Each input flip is an intrusion event (active / cleared); all must arrive.
+
+        def all_flips(msgs: list[Received]) -> bool:
+            return len({e["id"] for e in events_of(msgs) if e["type"] == "alarm.intrusion"}) >= flips
+
+        await await_for(p_sub, all_flips, timeout=30)
+        seqs = first_seen_seqs(events_of(p_sub.messages))
+        assert seqs == list(range(1, len(seqs) + 1))
+        log = daemon.log_tail(400)
+        assert "alarm not acknowledged by broker in time" in log or "uplink down" in log
+    finally:
+        await asyncio.to_thread(daemon.stop)
+        p_sub.stop()
+
+
+async def test_isolation_hung_garbage_and_closed_boxes_do_not_delay_others(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path / "b").start()
+    try:
+        async with (
+            AlarmBoxSimulator(port=0, inputs=8) as healthy,
+            AlarmBoxSimulator(port=0, inputs=8) as hung,
+            AlarmBoxSimulator(port=0, inputs=8) as garbage,
+            AlarmBoxSimulator(port=0, inputs=8) as closed,
+        ):
+            hung.silent()
+            garbage.garbage()
+            closed.close_port()
+            devices = [box("healthy", healthy.port), box("hung", hung.port), box("garbage", garbage.port)]
+            devices.append(box("closed", closed.port))
+            cfg = base_config(tmp_path / "state", [uplink("police", broker, "campus/{region}")], devices)
+            with Subscriber(broker.port, POLICE_TOPIC) as sub:
+                daemon = Daemon(tmp_path / "d", cfg)
+                await asyncio.to_thread(daemon.start)
+                try:
+                    def three_offline(ms: list[Received]) -> bool:
+                        return len({e["device"]["id"] for e in events_of(ms) if e["type"] == "device.offline"}) >= 3
+
+                    await await_for(sub, three_offline, timeout=15)
+                    latencies = []
+                    for i in range(5):
+                        healthy.set_input(1, i % 2 == 0)
+                        t0 = asyncio.get_running_loop().time()
+                        state = "active" if i % 2 == 0 else "cleared"
+                        before = len(sub.messages)
+
+                        def arrived(ms: list[Received], state: str = state, before: int = before) -> bool:
+                            return any(
+                                m.json()["type"] == "alarm.intrusion" and m.json().get("state") == state
+                                for m in ms[before:]
+                                if "/events/" in m.topic
+                            )
+
+                        await await_for(sub, arrived, timeout=5)
+                        latencies.append(asyncio.get_running_loop().time() - t0)
+                    offline = {e["device"]["id"] for e in events_of(sub.messages) if e["type"] == "device.offline"}
+                    assert offline == {"hung", "garbage", "closed"}, offline
+                    # 100 ms poll + debounce + commit + publish: well under a second even with three bad boxes.
+                    assert max(latencies) < 1.0, latencies
+                finally:
+                    await asyncio.to_thread(daemon.stop)
+    finally:
+        broker.stop()
