@@ -15,7 +15,9 @@ from gateway.errors import ConfigError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-EXIT_CONFIG = 2  # bad config or usage: fix the input, do not restart in a loop (systemd RestartPreventExitStatus)
+EXIT_CONFIG = (
+    2  # bad config or usage: fix the input, do not restart in a loop (systemd RestartPreventExitStatus)
+)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

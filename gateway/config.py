@@ -145,7 +145,9 @@ class UplinkConfig(Model):
         try:
             v.format(region="r", school="s", gateway="g")
         except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"unknown placeholder {exc}; allowed: {{region}}, {{school}}, {{gateway}}") from exc
+            raise ValueError(
+                f"unknown placeholder {exc}; allowed: {{region}}, {{school}}, {{gateway}}"
+            ) from exc
         return v
 
     def read_password(self) -> SecretStr | None:
@@ -235,7 +237,8 @@ def _resolve_paths(core: dict[str, Any], base: Path | None) -> dict[str, Any]:
     out = _rebase(core, ("state_dir", "profiles_dir"), base)
     if isinstance(out.get("uplinks"), list):
         ups = []
-        for up in out["uplinks"]:
+        for item in out["uplinks"]:
+            up = item
             if isinstance(up, dict):
                 up = _rebase(up, ("password_file",), base)
                 if isinstance(up.get("tls"), dict):
@@ -282,7 +285,9 @@ def _semantic(cfg: GatewayConfig) -> list[tuple[str, str]]:
     seen: dict[str, int] = {}
     for i, dev in enumerate(cfg.devices):
         if dev.id in seen:
-            issues.append((f"devices[{i}].id", f"duplicate device id {dev.id!r} (also devices[{seen[dev.id]}])"))
+            issues.append(
+                (f"devices[{i}].id", f"duplicate device id {dev.id!r} (also devices[{seen[dev.id]}])")
+            )
         seen.setdefault(dev.id, i)
     names: dict[str, int] = {}
     for i, up in enumerate(cfg.uplinks):

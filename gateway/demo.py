@@ -33,10 +33,16 @@ GATEWAY = "gw-demo"
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=0, help="stop after N seconds (default: until Ctrl-C)")
-    parser.add_argument("--broker", default="", help="use this broker (mqtt://host:port) instead of an embedded one")
+    parser.add_argument(
+        "--duration", type=float, default=0, help="stop after N seconds (default: until Ctrl-C)"
+    )
+    parser.add_argument(
+        "--broker", default="", help="use this broker (mqtt://host:port) instead of an embedded one"
+    )
     parser.add_argument("--boxes", type=int, default=4, help="simulated alarm boxes (default 4)")
-    parser.add_argument("--state-dir", default="", help="keep the outbox here (default: a temporary directory)")
+    parser.add_argument(
+        "--state-dir", default="", help="keep the outbox here (default: a temporary directory)"
+    )
     parser.set_defaults(func=_cmd_demo)
 
 
@@ -96,6 +102,7 @@ def school_config(host: str, port: int, boxes: list[tuple[str, int, str]], state
                 "port": box_port,
                 "profile": "generic-8di",
                 "poll_interval": 0.1,
+                "zones": {1: {"type": "intrusion", "name": "Perimeter beam"}},
             }
             for box_id, box_port, name in boxes
         ],
@@ -152,8 +159,8 @@ async def scenario(sims: list[Any], out: Callable[[str], None]) -> None:
         (3.0, "Lid closed", lambda: sims[1 % len(sims)].tamper(False)),
         (3.0, "Intrusion zone at the playground", lambda: sims[-1].press(1)),
         (2.0, "Intrusion clears", lambda: sims[-1].release(1)),
-        (3.0, "A box loses power (goes silent)", lambda: sims[2 % len(sims)].silent()),
-        (5.0, "Power back", lambda: sims[2 % len(sims)].normal()),
+        (3.0, "A box loses power (goes silent)", sims[2 % len(sims)].silent),
+        (5.0, "Power back", sims[2 % len(sims)].normal),
     ]
     while True:
         for delay, text, action in steps:
@@ -184,15 +191,19 @@ async def run_demo(duration: float, broker: str, boxes: int, state_dir: str) -> 
             specs.append((f"box-{i + 1}", sim.port, PLACES[i % len(PLACES)]))
         tmp = state_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="campus-demo-"))
         cfg = config_mod.parse(school_config(host, port, specs, Path(tmp)), "demo")
-        out(f"campus-gateway demo: broker mqtt://{host}:{port}, {len(sims)} alarm boxes, uplinks police + education")
+        out(f"campus-gateway demo: broker mqtt://{host}:{port}, {len(sims)} alarm boxes")
         out("  police    subscribes campus/530102/#   (everything)")
         out("  education subscribes edu/530102/#      (alarms, device and gateway events, minor and up)")
         out("")
         gw = Gateway(cfg)
         async with asyncio.TaskGroup() as tg:
             views = [
-                tg.create_task(platform_view(host, port, "police", f"campus/{REGION}/#", out), name="view:police"),
-                tg.create_task(platform_view(host, port, "education", f"edu/{REGION}/#", out), name="view:edu"),
+                tg.create_task(
+                    platform_view(host, port, "police", f"campus/{REGION}/#", out), name="view:police"
+                ),
+                tg.create_task(
+                    platform_view(host, port, "education", f"edu/{REGION}/#", out), name="view:edu"
+                ),
             ]
             gw_task = tg.create_task(gw.run(), name="gateway")
             await gw.ready.wait()

@@ -17,7 +17,7 @@ import json
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,7 @@ class UplinkState(enum.StrEnum):
     STOPPED = "stopped"
 
 
-class _Failover(Exception):  # noqa: N818 - internal control flow, not an error to report
+class _Failover(Exception):
     """Delivery supervision gave up on this endpoint."""
 
 
@@ -78,6 +78,11 @@ def tls_context(cfg: UplinkConfig) -> ssl.SSLContext:
 
 
 GATEWAY_DEVICE_KIND = DeviceKind.GATEWAY
+
+
+def _consume(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class Uplink:
@@ -318,7 +323,11 @@ class Uplink:
         self, pending: dict[int, tuple[Row, asyncio.Future[None], float]], stop_deadline: float | None
     ) -> float | None:
         now = time.monotonic()
-        deadlines = [sent + self.cfg.alarm_deadline for row, _, sent in pending.values() if row.type.startswith("alarm.")][:1]
+        deadlines = [
+            sent + self.cfg.alarm_deadline
+            for row, _, sent in pending.values()
+            if row.type.startswith("alarm.")
+        ][:1]
         if stop_deadline is not None:
             deadlines.append(stop_deadline)
         return max(0.0, min(deadlines) - now) + 0.001 if deadlines else None
@@ -326,7 +335,11 @@ class Uplink:
     # -- status, heartbeat, trouble -------------------------------------------------------------
 
     def _status_payload(self, state: str) -> bytes:
-        body: dict[str, Any] = {"state": state, "gateway": self.identity.gateway, "at": format_time(time.time())}
+        body: dict[str, Any] = {
+            "state": state,
+            "gateway": self.identity.gateway,
+            "at": format_time(time.time()),
+        }
         if state == "online":
             body.update(self._birth())
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
@@ -337,7 +350,8 @@ class Uplink:
             body = {"gateway": self.identity.gateway, "at": format_time(time.time()), **self._heartbeat()}
             payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
             with contextlib.suppress(UplinkError):
-                conn.publish(topic, payload, qos=0)
+                # QoS 0: a stale heartbeat is worthless; its outcome is read only to keep it quiet.
+                conn.publish(topic, payload, qos=0).add_done_callback(_consume)
             await asyncio.sleep(self._heartbeat_interval)
 
     def _raise_trouble(self, state: EventState, reason: str, row: Row | None) -> None:

@@ -67,7 +67,11 @@ BROKEN = [
     ("identity.school", _DELETE, "identity.school: required"),
     ("identity.region", "5301", "identity.region: Value error, must be a 6-digit"),
     ("identity.gateway", "gw/1", "identity.gateway: String should match pattern"),
-    ("uplinks[0].endpoints", ["http://x:1"], "uplinks[0].endpoints: Value error, 'http://x:1': scheme must be"),
+    (
+        "uplinks[0].endpoints",
+        ["http://x:1"],
+        "uplinks[0].endpoints: Value error, 'http://x:1': scheme must be",
+    ),
     ("uplinks[0].endpoints", ["mqtt://h:99999"], "uplinks[0].endpoints: Value error, 'mqtt://h:99999'"),
     ("uplinks[0].keepalive", 0, "uplinks[0].keepalive: Input should be greater than or equal to 1"),
     ("uplinks[0].route", {"min_severity": "loud"}, "uplinks[0].route.min_severity: Input should be"),
@@ -78,7 +82,11 @@ BROKEN = [
     ("devices[0].port", "http", "devices[0].port: Input should be a valid integer"),
     ("devices[0].colour", "red", "devices[0].colour: unknown key"),
     ("devices[0].profile", "no-such-profile", "devices[0].profile:"),
-    ("devices[0].poll_interval", 0.001, "devices[0].poll_interval: Input should be greater than or equal to 0.05"),
+    (
+        "devices[0].poll_interval",
+        0.001,
+        "devices[0].poll_interval: Input should be greater than or equal to 0.05",
+    ),
 ]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ def box(box_id: str, port: int, **extra: Any) -> dict[str, Any]:
         "port": port,
         "profile": "generic-8di",
         "poll_interval": 0.1,
+        "zones": {1: {"type": "intrusion", "name": "Perimeter beam"}},
         **extra,
     }
 
@@ -107,34 +107,37 @@ async def test_panic_reaches_both_platforms_and_reset_clears(
         await asyncio.to_thread(daemon.start)
         try:
             await await_event(p_sub, "gateway.started")
-            sim.press(0)
+            await sim.press(0)
             p_alarm = await await_event(p_sub, "alarm.panic", state="active")
             e_alarm = await await_event(e_sub, "alarm.panic", state="active")
             assert p_alarm["id"] == e_alarm["id"]
             assert p_alarm["data"]["contact_id"] == 1120
             assert p_alarm["severity"] == "critical"
             assert p_alarm["device"]["id"] == "box-gate"
-            sim.release(0)
+            await sim.release(0)
             # The panic alarm latches: releasing the button clears nothing...
             await asyncio.sleep(0.5)
-            assert not [e for e in events_of(p_sub.messages) if e["type"] == "alarm.panic" and e["state"] == "cleared"]
+            assert not [
+                e for e in events_of(p_sub.messages) if e["type"] == "alarm.panic" and e["state"] == "cleared"
+            ]
             # ...until a person resets it with the key switch.
-            sim.press(7)
+            await sim.press(7)
             cleared = await await_event(p_sub, "alarm.panic", state="cleared")
             await await_event(e_sub, "alarm.panic", state="cleared")
-            sim.release(7)
+            await sim.release(7)
             assert cleared["data"]["contact_id"] == 3120
             # Education's route leaves out gateway.* events.
             assert all(e["type"].split(".")[0] in ("alarm", "device") for e in events_of(e_sub.messages))
             status = [m for m in p_sub.messages if m.topic.endswith("/status")]
-            assert status and status[-1].json()["state"] == "online"
-            assert status[-1].retain or len(status) >= 1
+            assert status
+            assert status[-1].json()["state"] == "online"
         finally:
             code, took = await asyncio.to_thread(daemon.terminate)
         assert code == 0
         assert took < 5.0, f"shutdown took {took:.1f} s"
         offline = await await_for(
-            p_sub, lambda ms: [m for m in ms if m.topic.endswith("/status") and m.json()["state"] == "offline"]
+            p_sub,
+            lambda ms: [m for m in ms if m.topic.endswith("/status") and m.json()["state"] == "offline"],
         )
         assert offline
 
@@ -145,7 +148,7 @@ async def _burst(sim: AlarmBoxSimulator, stop: asyncio.Event, period: float = 0.
     for _ in range(2000):
         if stop.is_set():
             break
-        sim.set_input(1, flips % 2 == 0)
+        await sim.set_input(1, flips % 2 == 0)
         flips += 1
         await asyncio.sleep(period)
     return flips
@@ -209,7 +212,9 @@ async def test_frozen_broker_then_killed_and_restarted_loses_nothing(
     tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto], sim: AlarmBoxSimulator
 ) -> None:
     police, _edu = brokers
-    cfg = base_config(tmp_path / "state", [uplink("police", police, "campus/{region}")], [box("box-gate", sim.port)])
+    cfg = base_config(
+        tmp_path / "state", [uplink("police", police, "campus/{region}")], [box("box-gate", sim.port)]
+    )
     p_sub = Subscriber(police.port, POLICE_TOPIC, client_id="police-platform").start()
     daemon = Daemon(tmp_path / "d", cfg)
     try:
@@ -249,9 +254,9 @@ async def test_isolation_hung_garbage_and_closed_boxes_do_not_delay_others(tmp_p
             AlarmBoxSimulator(port=0, inputs=8) as garbage,
             AlarmBoxSimulator(port=0, inputs=8) as closed,
         ):
-            hung.silent()
-            garbage.garbage()
-            closed.close_port()
+            await hung.silent()
+            await garbage.garbage()
+            await closed.close_port()
             devices = [box("healthy", healthy.port), box("hung", hung.port), box("garbage", garbage.port)]
             devices.append(box("closed", closed.port))
             cfg = base_config(tmp_path / "state", [uplink("police", broker, "campus/{region}")], devices)
@@ -259,13 +264,17 @@ async def test_isolation_hung_garbage_and_closed_boxes_do_not_delay_others(tmp_p
                 daemon = Daemon(tmp_path / "d", cfg)
                 await asyncio.to_thread(daemon.start)
                 try:
+
                     def three_offline(ms: list[Received]) -> bool:
-                        return len({e["device"]["id"] for e in events_of(ms) if e["type"] == "device.offline"}) >= 3
+                        return (
+                            len({e["device"]["id"] for e in events_of(ms) if e["type"] == "device.offline"})
+                            >= 3
+                        )
 
                     await await_for(sub, three_offline, timeout=15)
                     latencies = []
                     for i in range(5):
-                        healthy.set_input(1, i % 2 == 0)
+                        await healthy.set_input(1, i % 2 == 0)
                         t0 = asyncio.get_running_loop().time()
                         state = "active" if i % 2 == 0 else "cleared"
                         before = len(sub.messages)
@@ -279,9 +288,11 @@ async def test_isolation_hung_garbage_and_closed_boxes_do_not_delay_others(tmp_p
 
                         await await_for(sub, arrived, timeout=5)
                         latencies.append(asyncio.get_running_loop().time() - t0)
-                    offline = {e["device"]["id"] for e in events_of(sub.messages) if e["type"] == "device.offline"}
+                    offline = {
+                        e["device"]["id"] for e in events_of(sub.messages) if e["type"] == "device.offline"
+                    }
                     assert offline == {"hung", "garbage", "closed"}, offline
-                    # 100 ms poll + debounce + commit + publish: well under a second even with three bad boxes.
+                    # 100 ms poll + debounce + commit + publish: well under 1 s even with three bad boxes.
                     assert max(latencies) < 1.0, latencies
                 finally:
                     await asyncio.to_thread(daemon.stop)

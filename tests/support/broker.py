@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -35,13 +36,25 @@ class Mosquitto:
 
     ``persistence`` keeps its queue across restarts (the default broker in the field
     keeps none). Queue limits are raised so a test subscriber is never the one losing.
+    ``allow_anonymous`` False with a ``password_file`` line in ``extra_conf`` demands
+    credentials; ``extra_conf`` lines (e.g. a second, TLS, listener) go at the end.
     """
 
-    def __init__(self, workdir: Path, *, port: int | None = None, persistence: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        persistence: bool = False,
+        allow_anonymous: bool = True,
+        extra_conf: Sequence[str] = (),
+    ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.persistence = persistence
+        self.allow_anonymous = allow_anonymous
+        self.extra_conf = tuple(extra_conf)
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
@@ -53,15 +66,20 @@ class Mosquitto:
     def _write_conf(self) -> None:
         lines = [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             "max_queued_messages 0",
             "max_inflight_messages 0",
-            "max_keepalive 0",
+            "max_keepalive 65535",  # no limit below the protocol maximum (mosquitto 2.0.11 rejects 0)
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             "log_type error",
             "log_type warning",
         ]
+        if self.extra_conf and os.geteuid() == 0:
+            # Started as root, mosquitto switches to user "mosquitto", which cannot read the
+            # files extra_conf names in the test's private tmp dir (TLS keys, password file).
+            lines.append("user root")
+        lines.extend(self.extra_conf)
         self.conf.write_text("\n".join(lines) + "\n")
 
     def start(self) -> Mosquitto:

@@ -39,7 +39,16 @@ class Daemon:
         env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONUNBUFFERED": "1"}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "run", "--config", str(self.config_path), "--log-format", "json"],
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway.cli",
+                    "run",
+                    "--config",
+                    str(self.config_path),
+                    "--log-format",
+                    "json",
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -106,7 +115,9 @@ class Daemon:
         self.stop()
 
 
-def base_config(state_dir: Path, uplinks: list[dict[str, Any]], devices: list[dict[str, Any]]) -> dict[str, Any]:
+def base_config(
+    state_dir: Path, uplinks: list[dict[str, Any]], devices: list[dict[str, Any]]
+) -> dict[str, Any]:
     return {
         "identity": {"school": "sch-1", "gateway": "gw-1", "region": "530102"},
         "state_dir": str(state_dir),

@@ -89,7 +89,9 @@ class Subscriber:
                     return value
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"condition not met within {timeout} s; got {len(self.messages)} messages")
+                    raise TimeoutError(
+                        f"condition not met within {timeout} s; got {len(self.messages)} messages"
+                    )
                 self._cond.wait(min(left, 0.1))
 
     def wait_event(self, type_: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
@@ -102,3 +104,16 @@ class Subscriber:
             return None
 
         return self.wait_for(find, timeout)  # type: ignore[no-any-return]
+
+
+async def await_event(sub: Subscriber, type_: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+    """``wait_event`` from async code without blocking the event loop (simulators live on it)."""
+    import asyncio
+
+    return await asyncio.to_thread(sub.wait_event, type_, timeout, **match)
+
+
+async def await_for(sub: Subscriber, predicate: Any, timeout: float = 10.0) -> Any:
+    import asyncio
+
+    return await asyncio.to_thread(sub.wait_for, predicate, timeout)
