@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import random
 import time
 import uuid
 from collections.abc import Mapping
@@ -162,10 +163,16 @@ def format_time(ts: float) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+# Ids need uniqueness, not secrecy: a generator seeded once from the OS is enough, and unlike
+# os.urandom per id it does not release the GIL on every event (which stalled the event loop
+# while the outbox writer stamped large batches).
+_RANDOM = random.Random(os.urandom(32))
+
+
 def uuid7(ts: float | None = None) -> str:
     """A UUIDv7 (RFC 9562): 48-bit unix milliseconds, then random bits. Sortable by time."""
     ms = int((time.time() if ts is None else ts) * 1000) & ((1 << 48) - 1)
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = _RANDOM.getrandbits(80)
     value = (ms << 80) | (0x7 << 76) | ((rand >> 68) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
     return str(uuid.UUID(int=value))
 
