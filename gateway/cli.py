@@ -48,16 +48,15 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _lazy(module: str, func: str) -> Callable[[argparse.ArgumentParser], None]:
-    """Register a subcommand whose module (simulators, demo) is imported only when used."""
+# Subcommands whose modules (simulators, the embedded broker) load only when they are used:
+# name -> (module, function adding the subcommand to the subparsers action, help).
+_LAZY = {
+    "demo": ("gateway.demo", "add_demo_parser", "the whole system on this machine, simulated"),
+    "sim": ("simulators.cli", "add_sim_parser", "run a hardware simulator"),
+}
 
-    def add(parser: argparse.ArgumentParser) -> None:
-        getattr(importlib.import_module(module), func)(parser)
 
-    return add
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="campus-gateway", description=__doc__)
     parser.add_argument("--version", action="version", version=f"campus-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -72,14 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(func=_cmd_check_config)
 
-    _lazy("gateway.demo", "add_parser")(sub.add_parser("demo", help="the whole system on this machine"))
-    sim = sub.add_parser("sim", help="run a hardware simulator")
-    _lazy("simulators.cli", "add_sim_parser")(sim)
+    for name, (module, func, help_text) in _LAZY.items():
+        if name in argv:
+            adder: Callable[[Any], Any] = getattr(importlib.import_module(module), func)
+            adder(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     func: Any = args.func
     try:

@@ -32,7 +32,8 @@ SCHOOL = "demo-school"
 GATEWAY = "gw-demo"
 
 
-def add_parser(parser: argparse.ArgumentParser) -> None:
+def add_demo_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("demo", help="the whole system on this machine, simulated", description=__doc__)
     parser.add_argument(
         "--duration", type=float, default=0, help="stop after N seconds (default: until Ctrl-C)"
     )
