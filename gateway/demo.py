@@ -33,7 +33,9 @@ GATEWAY = "gw-demo"
 
 
 def add_demo_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("demo", help="the whole system on this machine, simulated", description=__doc__)
+    parser = subparsers.add_parser(
+        "demo", help="the whole system on this machine, simulated", description=__doc__
+    )
     parser.add_argument(
         "--duration", type=float, default=0, help="stop after N seconds (default: until Ctrl-C)"
     )
@@ -176,9 +178,12 @@ async def scenario(sims: list[Any], out: Callable[[str], None]) -> None:
 async def run_demo(duration: float, broker: str, boxes: int, state_dir: str) -> None:
     from simulators.alarm_box import AlarmBoxSimulator
 
-    logs.configure("warning", "console")
     out = print
     async with AsyncExitStack() as stack:
+        tmp = state_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="campus-demo-"))
+        log_path = Path(tmp) / "gateway.log"
+        # The terminal shows what the platforms receive; the gateway's own log goes to a file.
+        logs.configure("info", "json", stack.enter_context(log_path.open("a", encoding="utf-8")))
         if broker:
             parts = urlsplit(broker)
             host, port = parts.hostname or "127.0.0.1", parts.port or 1883
@@ -190,11 +195,11 @@ async def run_demo(duration: float, broker: str, boxes: int, state_dir: str) -> 
             sim = await stack.enter_async_context(AlarmBoxSimulator(port=0, inputs=8))
             sims.append(sim)
             specs.append((f"box-{i + 1}", sim.port, PLACES[i % len(PLACES)]))
-        tmp = state_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="campus-demo-"))
         cfg = config_mod.parse(school_config(host, port, specs, Path(tmp)), "demo")
         out(f"campus-gateway demo: broker mqtt://{host}:{port}, {len(sims)} alarm boxes")
         out("  police    subscribes campus/530102/#   (everything)")
         out("  education subscribes edu/530102/#      (alarms, device and gateway events, minor and up)")
+        out(f"  gateway log: {log_path}")
         out("")
         gw = Gateway(cfg)
         async with asyncio.TaskGroup() as tg:

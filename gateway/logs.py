@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from typing import IO, Any
 
 import structlog
 
@@ -22,7 +22,7 @@ _SHARED: list[Any] = [
 ]
 
 
-def configure(level: str = "info", fmt: str = "auto") -> None:
+def configure(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None) -> None:
     """Configure structlog and the stdlib root logger. ``fmt``: json, console or auto (TTY)."""
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: Any = (
@@ -42,7 +42,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stdout if not use_console else sys.stderr)
+    handler = logging.StreamHandler(stream or (sys.stderr if use_console else sys.stdout))
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

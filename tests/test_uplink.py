@@ -1,0 +1,151 @@
+"""The uplink in-process: outbox -> MQTT, failover across endpoints, delivery supervision."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import UplinkConfig
+from gateway.events import DeviceKind, DeviceRef, EventState, Identity, Observation, Severity
+from gateway.outbox import Outbox
+from gateway.tasks import cancel_and_wait
+from gateway.uplink import Uplink, UplinkState
+from tests.support.broker import Mosquitto, free_port
+from tests.support.subscriber import Subscriber, await_event, await_for
+
+IDENT = Identity("gw-1", "sch-1", "530102")
+BOX = DeviceRef("box-1", DeviceKind.ALARM_BOX, "Box", "Gate")
+TOPIC = "campus/530102/sch-1/gw-1/#"
+
+
+def panic() -> Observation:
+    return Observation(BOX, "alarm.panic", Severity.CRITICAL, EventState.ACTIVE, data={"contact_id": 1120})
+
+
+def uplink_config(*ports: int, **extra: Any) -> UplinkConfig:
+    return UplinkConfig.model_validate(
+        {
+            "name": "police",
+            "endpoints": [f"mqtt://127.0.0.1:{p}" for p in ports],
+            "keepalive": 10,  # long: the alarm deadline, not keepalive, must notice the frozen broker
+            "alarm_deadline": 0.5,
+            "reconnect_initial": 0.05,
+            "reconnect_max": 0.5,
+            "connect_timeout": 1.0,
+            **extra,
+        }
+    )
+
+
+class Harness:
+    def __init__(self, outbox: Outbox, cfg: UplinkConfig) -> None:
+        self.outbox = outbox
+        self.reports: list[Observation] = []
+        self.uplink = Uplink(
+            cfg,
+            IDENT,
+            outbox,
+            report=self.reports.append,
+            birth=lambda: {"devices": []},
+            heartbeat=lambda: {},
+            heartbeat_interval=30,
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    async def wait_state(self, state: UplinkState, timeout: float = 10) -> None:
+        async with asyncio.timeout(timeout):
+            while self.uplink.state is not state:
+                await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
+    async with Outbox(tmp_path / "outbox.db", IDENT, {"police": 10_000}) as ob:
+        yield ob
+
+
+async def run(h: Harness) -> asyncio.Task[None]:
+    h.task = asyncio.create_task(h.uplink.run(), name="uplink")
+    return h.task
+
+
+async def test_delivers_in_order_and_empties_outbox(tmp_path: Path, outbox: Outbox) -> None:
+    with Mosquitto(tmp_path / "b") as broker, Subscriber(broker.port, TOPIC) as sub:
+        h = Harness(outbox, uplink_config(broker.port))
+        task = await run(h)
+        try:
+            events = [await outbox.append(panic(), ["police"]) for _ in range(200)]
+            ids = [e.id for e in events]
+            await await_for(sub, lambda ms: len([m for m in ms if "/events/" in m.topic]) >= 200)
+            got = [m.json()["id"] for m in sub.messages if "/events/" in m.topic]
+            assert got == ids
+            async with asyncio.timeout(5):
+                while outbox.depth("police"):
+                    await asyncio.sleep(0.01)
+        finally:
+            await cancel_and_wait(task)
+
+
+async def test_primary_down_uses_backup(tmp_path: Path, outbox: Outbox) -> None:
+    dead = free_port()  # nothing listens: connection refused
+    with Mosquitto(tmp_path / "b") as backup, Subscriber(backup.port, TOPIC) as sub:
+        h = Harness(outbox, uplink_config(dead, backup.port))
+        task = await run(h)
+        try:
+            event = await outbox.append(panic(), ["police"])
+            body = await await_event(sub, "alarm.panic")
+            assert body["id"] == event.id
+            assert h.uplink.endpoint is not None
+            assert h.uplink.endpoint.port == backup.port
+        finally:
+            await cancel_and_wait(task)
+
+
+async def test_alarm_not_acked_in_time_raises_trouble_and_fails_over(tmp_path: Path, outbox: Outbox) -> None:
+    with (
+        Mosquitto(tmp_path / "p") as primary,
+        Mosquitto(tmp_path / "b") as backup,
+        Subscriber(backup.port, TOPIC) as backup_sub,
+    ):
+        h = Harness(outbox, uplink_config(primary.port, backup.port))
+        task = await run(h)
+        try:
+            await h.wait_state(UplinkState.CONNECTED)
+            assert h.uplink.endpoint is not None
+            assert h.uplink.endpoint.port == primary.port
+            primary.freeze()
+            event = await outbox.append(panic(), ["police"])
+            body = await await_event(backup_sub, "alarm.panic", timeout=10)
+            assert body["id"] == event.id
+            trouble = [r for r in h.reports if r.type == "uplink.trouble"]
+            assert trouble
+            assert trouble[0].state is EventState.ACTIVE
+            assert trouble[0].data["event_id"] == event.id
+            assert h.uplink.stats.failovers >= 1
+            # Delivery restored on the backup: the trouble clears.
+            async with asyncio.timeout(5):
+                while not any(r.state is EventState.CLEARED for r in h.reports if r.type == "uplink.trouble"):
+                    await asyncio.sleep(0.01)
+        finally:
+            primary.thaw()
+            await cancel_and_wait(task)
+
+
+async def test_clean_stop_publishes_offline_status(tmp_path: Path, outbox: Outbox) -> None:
+    with (
+        Mosquitto(tmp_path / "b") as broker,
+        Subscriber(broker.port, "campus/530102/sch-1/gw-1/status") as sub,
+    ):
+        h = Harness(outbox, uplink_config(broker.port))
+        task = await run(h)
+        await await_for(sub, lambda ms: [m for m in ms if m.json()["state"] == "online"])
+        h.uplink.stop()
+        async with asyncio.timeout(5):
+            await task
+        assert h.uplink.state is UplinkState.STOPPED
+        msgs = await await_for(sub, lambda ms: [m for m in ms if m.json()["state"] == "offline"])
+        assert msgs[-1].json()["gateway"] == "gw-1"
