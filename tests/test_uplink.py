@@ -16,6 +16,7 @@ from gateway.tasks import cancel_and_wait
 from gateway.uplink import Uplink, UplinkState
 from tests.support.broker import Mosquitto, free_port
 from tests.support.subscriber import Subscriber, await_event, await_for
+from tests.support.waiting import eventually
 
 IDENT = Identity("gw-1", "sch-1", "530102")
 BOX = DeviceRef("box-1", DeviceKind.ALARM_BOX, "Box", "Gate")
@@ -51,15 +52,13 @@ class Harness:
             outbox,
             report=self.reports.append,
             birth=lambda: {"devices": []},
-            heartbeat=lambda: {},
+            heartbeat=dict,
             heartbeat_interval=30,
         )
         self.task: asyncio.Task[None] | None = None
 
     async def wait_state(self, state: UplinkState, timeout: float = 10) -> None:
-        async with asyncio.timeout(timeout):
-            while self.uplink.state is not state:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: self.uplink.state is state, timeout)
 
 
 @pytest.fixture
@@ -83,9 +82,7 @@ async def test_delivers_in_order_and_empties_outbox(tmp_path: Path, outbox: Outb
             await await_for(sub, lambda ms: len([m for m in ms if "/events/" in m.topic]) >= 200)
             got = [m.json()["id"] for m in sub.messages if "/events/" in m.topic]
             assert got == ids
-            async with asyncio.timeout(5):
-                while outbox.depth("police"):
-                    await asyncio.sleep(0.01)
+            await eventually(lambda: outbox.depth("police") == 0, 5)
         finally:
             await cancel_and_wait(task)
 
@@ -127,9 +124,9 @@ async def test_alarm_not_acked_in_time_raises_trouble_and_fails_over(tmp_path: P
             assert trouble[0].data["event_id"] == event.id
             assert h.uplink.stats.failovers >= 1
             # Delivery restored on the backup: the trouble clears.
-            async with asyncio.timeout(5):
-                while not any(r.state is EventState.CLEARED for r in h.reports if r.type == "uplink.trouble"):
-                    await asyncio.sleep(0.01)
+            await eventually(
+                lambda: any(r.state is EventState.CLEARED for r in h.reports if r.type == "uplink.trouble"), 5
+            )
         finally:
             primary.thaw()
             await cancel_and_wait(task)
