@@ -25,7 +25,7 @@ import structlog
 
 from gateway.backoff import Backoff
 from gateway.config import Endpoint, UplinkConfig
-from gateway.errors import UplinkError
+from gateway.errors import OutboxError, UplinkError
 from gateway.events import DeviceKind, DeviceRef, EventState, Identity, Observation, Severity, format_time
 from gateway.logs import RateLimited
 from gateway.mqtt import MqttConnection, Will
@@ -38,6 +38,7 @@ READ_BATCH = 256  # rows per outbox read: amortises the thread hop, small enough
 # How long a clean stop may spend finishing in-flight publishes before it disconnects;
 # the whole daemon must stop within 5 s (systemd TimeoutStopSec is larger still).
 STOP_DRAIN_TIMEOUT = 1.5
+STALL_MIN = 10.0
 
 
 class UplinkState(enum.StrEnum):
@@ -119,6 +120,9 @@ class Uplink:
         self._password = cfg.read_password()
         self._tls = tls_context(cfg) if any(e.tls for e in cfg.endpoints) else None
         self._gateway_ref = DeviceRef(identity.gateway, DeviceKind.GATEWAY, "gateway")
+        # A session whose oldest message has had no PUBACK this long is wedged: 5 alarm
+        # deadlines, at least 10 s, so a slow WAN link is not mistaken for a dead one.
+        self._stall_deadline = max(STALL_MIN, 5 * cfg.alarm_deadline)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -185,6 +189,12 @@ class Uplink:
             return established
         except _Failover:
             self.stats.failovers += 1
+            return False
+        except OutboxError as exc:
+            # A slow or failing disk: the rows stay where they are; retry after a backoff.
+            suppressed = self._limiter.should_log("outbox")
+            if suppressed is not None:
+                self._log.error("outbox read failed", error=str(exc), repeats=suppressed)
             return False
 
     # -- the session ---------------------------------------------------------------------------
@@ -279,8 +289,16 @@ class Uplink:
                 self._raise_trouble(EventState.CLEARED, "delivery restored", None)
 
     def _supervise(self, pending: dict[int, tuple[Row, asyncio.Future[None], float]]) -> None:
-        """An alarm not PUBACKed within its deadline: trouble event, log once, fail over."""
+        """An alarm not PUBACKed within its deadline: trouble event, log once, fail over.
+
+        Any message without a PUBACK for ``stall_deadline`` means the session is wedged
+        even if keepalive still passes: reconnect and resend from the cursor.
+        """
         now = time.monotonic()
+        if pending:
+            _row, first, first_sent = next(iter(pending.values()))
+            if not first.done() and now - first_sent > self._stall_deadline:
+                raise UplinkError(self.name, f"no PUBACK for {self._stall_deadline:.0f} s; reconnecting")
         for row, fut, sent in pending.values():
             if row.type.startswith("alarm.") and not fut.done() and now - sent > self.cfg.alarm_deadline:
                 self._log.error(
@@ -328,6 +346,8 @@ class Uplink:
             for row, _, sent in pending.values()
             if row.type.startswith("alarm.")
         ][:1]
+        if pending:
+            deadlines.append(next(iter(pending.values()))[2] + self._stall_deadline)
         if stop_deadline is not None:
             deadlines.append(stop_deadline)
         return max(0.0, min(deadlines) - now) + 0.001 if deadlines else None

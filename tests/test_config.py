@@ -77,7 +77,7 @@ BROKEN = [
     ("uplinks[0].route", {"min_severity": "loud"}, "uplinks[0].route.min_severity: Input should be"),
     ("uplinks[0].topic_prefix", "campus/#", "uplinks[0].topic_prefix: Value error, no wildcards"),
     ("uplinks[0].password_file", "nope.txt", "uplinks[0].password_file: no such file"),
-    ("uplinks", [], "uplinks: List should have at least 1 item"),
+    ("uplinks", [], "uplinks: Tuple should have at least 1 item"),
     ("devices[0].driver", "teleporter", "devices[0].driver: unknown driver 'teleporter'"),
     ("devices[0].port", "http", "devices[0].port: Input should be a valid integer"),
     ("devices[0].colour", "red", "devices[0].colour: unknown key"),

@@ -27,10 +27,8 @@ from simulators.alarm_box import AlarmBoxSimulator
 
 POLL = 0.05
 TIMEOUT = 0.1
-WAIT = 3.0
-ROOT = (
-    Path(__file__).resolve().parents[1]
-)  # upper bound for anything to show up; the assertions on latency are tighter
+WAIT = 3.0  # upper bound for anything to show up; the assertions on latency are tighter
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Sink:
@@ -321,7 +319,7 @@ async def test_ticker_keeps_its_grid_and_never_hurries() -> None:
         if i == 3:
             await asyncio.sleep(interval * 1.5)  # an overrun
     gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert min(gaps) >= interval * 0.95
+    assert min(gaps) >= interval - 0.001
     # no drift: away from the overrun, starts sit on the grid (not interval + poll time)
     assert starts[3] - starts[0] == pytest.approx(3 * interval, abs=0.02)
 

@@ -31,6 +31,7 @@ class Subscriber:
         self.port = port
         self.topic = topic
         self.messages: list[Received] = []
+        self.connects: list[tuple[float, bool, str]] = []  # (when, session present, reason code)
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(
@@ -44,6 +45,7 @@ class Subscriber:
         self.client.reconnect_delay_set(0.05, 0.5)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        self.connects.append((time.time(), bool(flags.session_present), str(rc)))
         client.subscribe(self.topic, qos=1)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:

@@ -1,0 +1,237 @@
+"""One alarm box: poll it, run its zones, publish what changed, report when it goes silent."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Mapping, Sequence
+
+import structlog
+
+from drivers.modbus.errorlog import RepeatedError
+from drivers.modbus.unit import UnitClient
+from drivers.modbus_alarm.config import AlarmBoxConfig, ZoneOverride
+from drivers.modbus_alarm.profile import AnalogBlock, InputBlock, Profile, Table, ZoneModel
+from drivers.modbus_alarm.zones import Band, Debounce, Eol, ZoneEvent, ZoneSet, ZoneSpec
+from gateway.driver import DeviceStatus, Driver, LinkState
+from gateway.errors import DriverError
+from gateway.events import ContactId, DeviceKind, DeviceRef, EventSink, Observation, Severity
+
+
+class Ticker:
+    """Poll deadlines on a monotonic grid: a poll's own duration never shifts the next one
+    (no drift), and two polls never start closer than ``interval``.
+
+    An overrun (a poll longer than the interval) starts the next poll at once and
+    re-anchors the grid there, rather than bursting to catch up; a late wake-up
+    moves the grid by that lateness.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._due: float | None = None
+        self._last = 0.0
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._due is None:
+            due = now
+        else:
+            due = max(self._due, self._last + self.interval)
+            if now < due:
+                await asyncio.sleep(due - now)
+            else:
+                due = now
+        self._last = loop.time()
+        self._due = due + self.interval
+
+
+class Presence(enum.StrEnum):
+    """Whether the box answers, as reported by device.offline / device.online events."""
+
+    UNKNOWN = "unknown"  # not yet answered, not yet declared offline
+    ONLINE = "online"
+    OFFLINE = "offline"  # device.offline published; device.online follows the first answer
+
+
+def zone_specs(profile: Profile, overrides: Mapping[int, ZoneOverride]) -> list[ZoneSpec]:
+    """The profile's zones with the site's overrides; an override with a type on an input
+    the profile leaves unused makes it a zone (normally open, no supervision)."""
+    analog = profile.analog
+    bands = tuple(Band(b.band, b.below) for b in analog.bands) if analog else ()
+    models = {z.input: z for z in profile.zones}
+    for n, o in overrides.items():
+        if n not in models and o.type is not None and n < profile.inputs.count:
+            models[n] = ZoneModel(input=n, type=o.type)
+    specs = []
+    for n, z in sorted(models.items()):
+        o = overrides.get(n, ZoneOverride())
+        eol = Eol(z.eol_register, bands, analog.scale) if analog and z.eol_register is not None else None
+        name = o.name if o.name is not None else z.name
+        specs.append(ZoneSpec(n, o.type or z.type, name, o.location or "", z.normally_closed, eol))
+    return specs
+
+
+def debounce_rule(profile: Profile, cfg: AlarmBoxConfig) -> Debounce:
+    if cfg.debounce_ms is not None:
+        return Debounce(seconds=cfg.debounce_ms / 1000)
+    if cfg.debounce_samples is not None:
+        return Debounce(samples=cfg.debounce_samples)
+    ms = profile.debounce.ms
+    return Debounce(samples=profile.debounce.samples, seconds=None if ms is None else ms / 1000)
+
+
+class AlarmBoxDriver(Driver):
+    """Polls one box through its hub and publishes zone changes and presence changes."""
+
+    def __init__(self, config: AlarmBoxConfig, profile: Profile, unit: UnitClient) -> None:
+        self.config = config
+        self.profile = profile
+        self.unit = unit
+        self.device = DeviceRef(config.id, DeviceKind.ALARM_BOX, config.name, config.location)
+        self.status = DeviceStatus()
+        self.presence = Presence.UNKNOWN
+        self._zones = ZoneSet(zone_specs(profile, config.zones), debounce_rule(profile, config))
+        self._failures = 0
+        self._sink: EventSink | None = None
+        self._lock = asyncio.Lock()  # zone state and its publishing: poll loop vs. reset()
+        self._log = structlog.get_logger(__name__).bind(device=config.id)
+        self._poll_errors = RepeatedError(self._log, "poll failed")
+
+    async def run(self, sink: EventSink) -> None:
+        """Poll at the configured interval until cancelled."""
+        self._sink = sink
+        ticker = Ticker(self.config.poll_interval)
+        self._log.info(
+            "polling", link=self.unit.hub.link.label, unit=self.unit.unit, profile=self.config.profile
+        )
+        try:
+            while True:
+                await ticker.wait()
+                await self.poll(sink)
+        finally:
+            self._sink = None
+
+    async def poll(self, sink: EventSink) -> None:
+        """One poll: read, update zones, publish. Device errors are handled here."""
+        self.status.polls += 1
+        try:
+            inputs, analog = await self._read()
+        except DriverError as exc:
+            await self._poll_failed(exc, sink)
+            return
+        await self._poll_ok(sink)
+        async with self._lock:
+            events = self._zones.update(inputs, analog, time.monotonic())
+            await self._publish_all(sink, events)
+            self.status.detail["latched"] = self._zones.latched
+
+    async def reset(self, zone: int | None = None) -> list[int]:
+        """Clear released latched panic zones (all, or one); returns the cleared zone numbers.
+
+        A zone whose button is still held stays latched and is not in the result.
+        Raises ValueError for an unknown zone, RuntimeError when not running.
+        """
+        sink = self._sink
+        if sink is None:
+            raise RuntimeError(f"{self.device.id}: not running")
+        async with self._lock:
+            cleared, events = self._zones.reset(zone, cleared_by="command")
+            await self._publish_all(sink, events)
+            self.status.detail["latched"] = self._zones.latched
+        self._log.info("reset", zone=zone, cleared=cleared)
+        return cleared
+
+    async def set_output(self, name: str, on: bool) -> None:
+        """Switch a named output of the profile (ack_led, siren), verified by reading back.
+
+        Raises ValueError for a name the profile does not have, and the hub's
+        DeviceUnavailable / DeviceProtocolError / DeviceRejected on failure.
+        """
+        out = self.profile.outputs.get(name)
+        if out is None:
+            raise ValueError(
+                f"{self.device.id}: no output {name!r}; profile has {sorted(self.profile.outputs)}"
+            )
+        if out.table is Table.COILS:
+            await self.unit.write_coil(out.address, on)
+        else:
+            await self.unit.write_register(out.address, int(on))
+        self._log.info("output set", output=name, on=on)
+
+    async def _read(self) -> tuple[list[bool], list[int] | None]:
+        inputs = await _read_inputs(self.unit, self.profile.inputs)
+        analog = await _read_analog(self.unit, self.profile.analog) if self.profile.analog else None
+        return inputs, analog
+
+    async def _poll_failed(self, exc: DriverError, sink: EventSink) -> None:
+        self._failures += 1
+        self.status.poll_errors += 1
+        self.status.last_error = str(exc)
+        self._poll_errors.failed(type(exc).__name__, error=str(exc))
+        if self._failures >= self.config.offline_after and self.presence is not Presence.OFFLINE:
+            self.presence = Presence.OFFLINE
+            self.status.set_state(LinkState.OFFLINE)
+            await self._publish_presence(
+                sink, "device.offline", Severity.MAJOR, ContactId.COMM_TROUBLE, str(exc)
+            )
+
+    async def _poll_ok(self, sink: EventSink) -> None:
+        self._failures = 0
+        self.status.last_poll_ok = time.time()
+        self._poll_errors.recovered()
+        self.status.set_state(LinkState.ONLINE)
+        if self.presence is Presence.OFFLINE:
+            self.presence = Presence.ONLINE
+            await self._publish_presence(
+                sink, "device.online", Severity.INFO, ContactId.COMM_RESTORE, "answering"
+            )
+        self.presence = Presence.ONLINE
+
+    async def _publish_presence(
+        self, sink: EventSink, kind: str, severity: Severity, code: int, reason: str
+    ) -> None:
+        data = {
+            "contact_id": int(code),
+            "reason": reason,
+            "link": self.unit.hub.link.label,
+            "unit": self.unit.unit,
+        }
+        self.status.detail["presence"] = self.presence.value
+        if self.presence is Presence.OFFLINE:
+            self._log.warning(kind, reason=reason)
+        else:
+            self._log.info(kind)
+        await sink.publish(Observation(self.device, kind, severity, data=data))
+
+    async def _publish_all(self, sink: EventSink, events: Sequence[ZoneEvent]) -> None:
+        now = time.time()
+        for e in events:
+            self._log.info(e.type, state=e.state.value, zone=e.data["zone"], contact_id=e.contact_id)
+            await sink.publish(Observation(self.device, e.type, e.severity, e.state, now, dict(e.data)))
+
+
+async def _read_inputs(unit: UnitClient, block: InputBlock) -> list[bool]:
+    n = block.request_count
+    if block.table is Table.DISCRETE_INPUTS:
+        return await unit.read_discrete_inputs(block.address, n)
+    if block.table is Table.COILS:
+        return await unit.read_coils(block.address, n)
+    if block.table is Table.INPUT_REGISTERS:
+        regs = await unit.read_input_registers(block.address, n)
+    else:
+        regs = await unit.read_holding_registers(block.address, n)
+    return unpack_bits(regs, block.count)
+
+
+async def _read_analog(unit: UnitClient, block: AnalogBlock) -> list[int]:
+    if block.table is Table.INPUT_REGISTERS:
+        return await unit.read_input_registers(block.address, block.count)
+    return await unit.read_holding_registers(block.address, block.count)
+
+
+def unpack_bits(registers: Sequence[int], count: int) -> list[bool]:
+    """16 inputs per register, lowest bit first."""
+    return [bool(registers[i // 16] >> (i % 16) & 1) for i in range(count)]
