@@ -47,9 +47,11 @@ def configure(level: str = "info", fmt: str = "auto", stream: IO[str] | None = N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Libraries are chatty at INFO (pymodbus logs every reconnect, amqtt every client).
-    for noisy in ("pymodbus", "amqtt", "transitions", "asyncio"):
+    # Libraries are chatty at INFO (amqtt logs every client). pymodbus warns on every
+    # reconnect attempt to a dead box; the hub already logs each outage once, so ERROR.
+    for noisy in ("amqtt", "transitions", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("pymodbus").setLevel(logging.ERROR)
 
 
 class RateLimited:
