@@ -173,7 +173,7 @@ class GatewayConfig(Model):
     @property
     def driver_context(self) -> DriverContext:
         dirs = (self.profiles_dir,) if self.profiles_dir else ()
-        return DriverContext(profile_dirs=dirs)
+        return DriverContext(profile_dirs=dirs, state_dir=self.state_dir / "devices")
 
 
 def _loc(loc: Sequence[int | str]) -> str:

@@ -68,9 +68,14 @@ class DeviceStatus:
 
 @dataclass(frozen=True)
 class DriverContext:
-    """What the core hands a family: where profiles live. No MQTT, no outbox."""
+    """What the core hands a family: where profiles live, where device state persists.
+
+    ``state_dir`` (None: nothing is persisted) holds small per-device state that must
+    survive a restart, such as latched panic zones. No MQTT, no outbox.
+    """
 
     profile_dirs: tuple[Path, ...] = ()
+    state_dir: Path | None = None
 
 
 class Driver(abc.ABC):

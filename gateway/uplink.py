@@ -222,13 +222,16 @@ class Uplink:
         closed = asyncio.ensure_future(conn.wait_closed())
         try:
             while True:
+                # Collect before filling: acknowledged rows free the window, and the fill must
+                # then take from the read-ahead buffer at once; waiting first would stall on a
+                # wakeup that only a new commit sets.
+                self._collect(pending)
                 if self._stopping.is_set():
                     stop_deadline = stop_deadline or time.monotonic() + STOP_DRAIN_TIMEOUT
                     if not pending or time.monotonic() >= stop_deadline:
                         return
                 else:
                     last_read = await self._fill(conn, pending, buffer, last_read, wakeup)
-                self._collect(pending)
                 self._supervise(pending)
                 if closed.done():
                     raise UplinkError(self.name, conn.close_reason or "connection lost")

@@ -250,7 +250,8 @@ async def test_frozen_broker_then_killed_and_restarted_loses_nothing(
             missing = set(range(1, last_seq + 1)) - set(first_seen_seqs(events_of(p_sub.messages)))
             print("missing seqs", sorted(missing), "of", last_seq)
             print("subscriber connects", p_sub.connects)
-            print("arrivals", [(round(m.at, 2), m.json()["seq"]) for m in p_sub.messages if "/events/" in m.topic])
+            arrivals = [(round(m.at, 2), m.json()["seq"]) for m in p_sub.messages if "/events/" in m.topic]
+            print("arrivals", arrivals)
             print(daemon.log_tail(60))
         seqs = first_seen_seqs(events_of(p_sub.messages))
         assert seqs == list(range(1, last_seq + 1))

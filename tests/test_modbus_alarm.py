@@ -373,3 +373,47 @@ async def test_simulator_process_driven_over_http() -> None:
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):
             assert await proc.wait() == 0
+
+
+async def test_latch_survives_a_restart_and_a_reset_after_it_clears(
+    sim: AlarmBoxSimulator, tmp_path: Path
+) -> None:
+    ctx = DriverContext(state_dir=tmp_path / "devices")
+
+    async def run_once() -> tuple[AlarmBoxFamily, Sink, list[asyncio.Task[None]]]:
+        sink = Sink()
+        family = AlarmBoxFamily([box(sim)], ctx)
+        await family.__aenter__()
+        tasks = [asyncio.create_task(d.run(sink)) for d in family.drivers]
+        return family, sink, tasks
+
+    async def stop(family: AlarmBoxFamily, tasks: list[asyncio.Task[None]]) -> None:
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks)
+        await family.__aexit__(None, None, None)
+
+    family, sink, tasks = await run_once()
+    await sim.press(0)
+    await sink.wait(is_("alarm.panic", EventState.ACTIVE))
+    await sim.release(0)
+    await polls(family.drivers[0], 3)
+    await stop(family, tasks)
+
+    # The gateway restarts with the button released: the latch is still there, and no new alarm.
+    family, sink, tasks = await run_once()
+    try:
+        (driver,) = family.drivers
+        await polls(driver, 4)
+        assert driver.status.detail["latched"] == [0]
+        assert sink.events == []
+        # A person turns the reset key: the alarm the platform holds is cleared at last.
+        await sim.press(7)
+        cleared = await sink.wait(is_("alarm.panic", EventState.CLEARED))
+        assert cleared.data["contact_id"] == 3120
+        await sim.release(7)
+        await polls(driver, 2)
+        assert driver.status.detail["latched"] == []
+    finally:
+        await stop(family, tasks)
+    assert '"latched": []' in (tmp_path / "devices" / "box.latched.json").read_text()

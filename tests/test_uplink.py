@@ -146,3 +146,20 @@ async def test_clean_stop_publishes_offline_status(tmp_path: Path, outbox: Outbo
         assert h.uplink.state is UplinkState.STOPPED
         msgs = await await_for(sub, lambda ms: [m for m in ms if m.json()["state"] == "offline"])
         assert msgs[-1].json()["gateway"] == "gw-1"
+
+
+async def test_backlog_larger_than_the_window_drains_with_no_new_events(
+    tmp_path: Path, outbox: Outbox
+) -> None:
+    """Regression: once the first window was acked, the rest of a read batch must go out
+    even when no new event arrives to wake the uplink."""
+    for _ in range(100):
+        await outbox.append(panic(), ["police"])
+    with Mosquitto(tmp_path / "b") as broker, Subscriber(broker.port, TOPIC) as sub:
+        h = Harness(outbox, uplink_config(broker.port, inflight=1))
+        task = await run(h)
+        try:
+            await await_for(sub, lambda ms: len([m for m in ms if "/events/" in m.topic]) >= 100, timeout=10)
+            await eventually(lambda: outbox.depth("police") == 0, 5)
+        finally:
+            await cancel_and_wait(task)

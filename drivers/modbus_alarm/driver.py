@@ -12,6 +12,7 @@ import structlog
 from drivers.modbus.errorlog import RepeatedError
 from drivers.modbus.unit import UnitClient
 from drivers.modbus_alarm.config import AlarmBoxConfig, ZoneOverride
+from drivers.modbus_alarm.latches import LatchStore
 from drivers.modbus_alarm.profile import AnalogBlock, InputBlock, Profile, Table, ZoneModel
 from drivers.modbus_alarm.zones import Band, Debounce, Eol, ZoneEvent, ZoneSet, ZoneSpec
 from gateway.driver import DeviceStatus, Driver, LinkState
@@ -86,7 +87,9 @@ def debounce_rule(profile: Profile, cfg: AlarmBoxConfig) -> Debounce:
 class AlarmBoxDriver(Driver):
     """Polls one box through its hub and publishes zone changes and presence changes."""
 
-    def __init__(self, config: AlarmBoxConfig, profile: Profile, unit: UnitClient) -> None:
+    def __init__(
+        self, config: AlarmBoxConfig, profile: Profile, unit: UnitClient, latches: LatchStore | None = None
+    ) -> None:
         self.config = config
         self.profile = profile
         self.unit = unit
@@ -94,6 +97,7 @@ class AlarmBoxDriver(Driver):
         self.status = DeviceStatus()
         self.presence = Presence.UNKNOWN
         self._zones = ZoneSet(zone_specs(profile, config.zones), debounce_rule(profile, config))
+        self._latches = latches or LatchStore(None, config.id)
         self._failures = 0
         self._sink: EventSink | None = None
         self._lock = asyncio.Lock()  # zone state and its publishing: poll loop vs. reset()
@@ -103,6 +107,10 @@ class AlarmBoxDriver(Driver):
     async def run(self, sink: EventSink) -> None:
         """Poll at the configured interval until cancelled."""
         self._sink = sink
+        restored = self._zones.restore_latched(self._latches.load())
+        if restored:
+            self.status.detail["latched"] = self._zones.latched
+            self._log.info("latched panic zones restored", zones=restored)
         ticker = Ticker(self.config.poll_interval)
         self._log.info(
             "polling", link=self.unit.hub.link.label, unit=self.unit.unit, profile=self.config.profile
@@ -127,6 +135,7 @@ class AlarmBoxDriver(Driver):
             events = self._zones.update(inputs, analog, time.monotonic())
             await self._publish_all(sink, events)
             self.status.detail["latched"] = self._zones.latched
+            await self._latches.save(self._zones.latched)
 
     async def reset(self, zone: int | None = None) -> list[int]:
         """Clear released latched panic zones (all, or one); returns the cleared zone numbers.
@@ -141,6 +150,7 @@ class AlarmBoxDriver(Driver):
             cleared, events = self._zones.reset(zone, cleared_by="command")
             await self._publish_all(sink, events)
             self.status.detail["latched"] = self._zones.latched
+            await self._latches.save(self._zones.latched)
         self._log.info("reset", zone=zone, cleared=cleared)
         return cleared
 

@@ -10,6 +10,7 @@ from typing import ClassVar, Self
 from drivers.modbus.hub import ModbusHub
 from drivers.modbus_alarm.config import AlarmBoxConfig
 from drivers.modbus_alarm.driver import AlarmBoxDriver
+from drivers.modbus_alarm.latches import LatchStore
 from drivers.modbus_alarm.profile import load_profile
 from gateway.backoff import Backoff
 from gateway.driver import DeviceConfig, DriverContext, DriverFamily
@@ -75,7 +76,8 @@ class AlarmBoxFamily(DriverFamily):
                 if hub is None:
                     hub = hubs[cfg.link.key] = await stack.enter_async_context(self._hub_for(cfg))
                 unit = hub.unit(cfg.unit, device_id=cfg.id, timeout=cfg.timeout)
-                drivers.append(AlarmBoxDriver(cfg, profile, unit))
+                latches = LatchStore(self.ctx.state_dir, cfg.id)
+                drivers.append(AlarmBoxDriver(cfg, profile, unit, latches))
             self._stack = stack.pop_all()
         self.hubs, self._drivers = hubs, drivers
         return self

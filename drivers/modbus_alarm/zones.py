@@ -312,6 +312,19 @@ class ZoneSet:
             events += self.reset(cleared_by="key_switch")[1]
         return events
 
+    def restore_latched(self, indices: Sequence[int]) -> list[int]:
+        """Latch panic zones that were latched before a restart (no event: it was sent then).
+
+        Returns the indices restored; indices that are no longer panic zones are ignored.
+        """
+        restored = []
+        for i in indices:
+            zone = self.zones.get(i)
+            if zone is not None and zone.spec.type is ZoneType.PANIC:
+                zone.state = ZoneState.LATCHED
+                restored.append(i)
+        return restored
+
     def reset(
         self, zone: int | None = None, *, cleared_by: str = "command"
     ) -> tuple[list[int], list[ZoneEvent]]:

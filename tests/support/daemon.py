@@ -32,6 +32,7 @@ class Daemon:
         self.notifications: list[str] = []
 
     def start(self, *, wait_ready: bool = True) -> Daemon:
+        self.notifications = []  # READY from an earlier run must not satisfy this one
         with contextlib.suppress(FileNotFoundError):
             self.notify_path.unlink()
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
