@@ -174,11 +174,11 @@ async def test_kill9_during_burst_with_one_broker_down_loses_nothing(
     )
     p_sub = Subscriber(police.port, POLICE_TOPIC, client_id="police-platform").start()
     e_sub = Subscriber(edu.port, EDU_TOPIC, client_id="edu-platform").start()
+    daemon = Daemon(tmp_path / "d", cfg)
     try:
         # The education broker goes down (its platform session saved) for the whole burst.
         e_sub.stop()
         edu.stop()
-        daemon = Daemon(tmp_path / "d", cfg)
         stop = asyncio.Event()
         burst = asyncio.create_task(_burst(sim, stop))
         for _ in range(4):
@@ -212,6 +212,7 @@ async def test_kill9_during_burst_with_one_broker_down_loses_nothing(
         assert flips > 10
         assert len(intrusions) >= 8, "the burst produced too few events to prove anything"
     finally:
+        await asyncio.to_thread(daemon.stop)
         p_sub.stop()
         e_sub.stop()
 

@@ -14,6 +14,9 @@ from typing import Any
 
 import yaml
 
+# Every daemon a test starts, so a failing test cannot leave one running (conftest stops them).
+STARTED: list[Daemon] = []
+
 READY_TIMEOUT = 20.0  # a cold start imports pymodbus, pydantic and paho: ~1-2 s on a loaded box
 
 
@@ -32,7 +35,10 @@ class Daemon:
         self.notifications: list[str] = []
 
     def start(self, *, wait_ready: bool = True) -> Daemon:
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("the daemon is still running; stop it first")
         self.notifications = []  # READY from an earlier run must not satisfy this one
+        STARTED.append(self)
         with contextlib.suppress(FileNotFoundError):
             self.notify_path.unlink()
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
