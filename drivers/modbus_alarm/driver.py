@@ -98,6 +98,7 @@ class AlarmBoxDriver(Driver):
         self.presence = Presence.UNKNOWN
         self._zones = ZoneSet(zone_specs(profile, config.zones), debounce_rule(profile, config))
         self._latches = latches or LatchStore(None, config.id)
+        self.status.detail["latched"] = []
         self._failures = 0
         self._sink: EventSink | None = None
         self._lock = asyncio.Lock()  # zone state and its publishing: poll loop vs. reset()
@@ -133,9 +134,11 @@ class AlarmBoxDriver(Driver):
         await self._poll_ok(sink)
         async with self._lock:
             events = self._zones.update(inputs, analog, time.monotonic())
-            await self._publish_all(sink, events)
-            self.status.detail["latched"] = self._zones.latched
-            await self._latches.save(self._zones.latched)
+            if events:  # the latched set changes only with an event (or a reset): skip the scan
+                await self._publish_all(sink, events)
+                latched = self._zones.latched
+                self.status.detail["latched"] = latched
+                await self._latches.save(latched)
 
     async def reset(self, zone: int | None = None) -> list[int]:
         """Clear released latched panic zones (all, or one); returns the cleared zone numbers.
