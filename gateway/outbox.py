@@ -429,7 +429,8 @@ class Outbox:
             )
             self._thread.start()
             try:
-                await asyncio.wait_for(asyncio.shield(self._ready), OPEN_TIMEOUT)
+                async with asyncio.timeout(OPEN_TIMEOUT):
+                    await asyncio.shield(self._ready)
             except TimeoutError as exc:
                 self._ready.cancel()
                 raise OutboxError(f"{self._path}: opening the outbox took over {OPEN_TIMEOUT} s") from exc
@@ -472,7 +473,8 @@ class Outbox:
         try:
             if self._done is not None and self._thread is not None:
                 try:
-                    await asyncio.wait_for(asyncio.shield(self._done), CLOSE_TIMEOUT)
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await asyncio.shield(self._done)
                 except TimeoutError:
                     log.error("outbox.close_timeout", path=str(self._path), timeout=CLOSE_TIMEOUT)  # noqa: TRY400 - no traceback to show
                 else:
@@ -572,7 +574,8 @@ class Outbox:
             return []
         job = self._loop.run_in_executor(self._reader, self._read_rows, lane, after_rowid, limit)
         try:
-            return await asyncio.wait_for(job, READ_TIMEOUT)
+            async with asyncio.timeout(READ_TIMEOUT):
+                return await job
         except TimeoutError as exc:
             raise OutboxError(f"{self._path}: reading uplink {uplink} took over {READ_TIMEOUT} s") from exc
         except (sqlite3.Error, KeyError) as exc:  # KeyError: a row with an unknown severity

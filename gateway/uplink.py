@@ -149,7 +149,8 @@ class Uplink:
                 failures_in_round = 0
                 self.state = UplinkState.BACKOFF
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), backoff.next_delay())
+                    async with asyncio.timeout(backoff.next_delay()):
+                        await self._stopping.wait()
         self.state = UplinkState.STOPPED
 
     async def _connect_and_deliver(self, endpoint: Endpoint) -> bool:
@@ -210,7 +211,8 @@ class Uplink:
         if self._stopping.is_set() and conn.connected:
             with contextlib.suppress(UplinkError, TimeoutError):
                 fut = conn.publish(f"{self.base}/status", self._status_payload("offline"), qos=1, retain=True)
-                await asyncio.wait_for(fut, STOP_DRAIN_TIMEOUT)
+                async with asyncio.timeout(STOP_DRAIN_TIMEOUT):
+                    await fut
 
     async def _deliver(self, conn: MqttConnection) -> None:
         """Publish outbox rows in order with a window; advance the cursor on PUBACK."""

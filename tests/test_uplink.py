@@ -84,7 +84,8 @@ async def test_delivers_in_order_and_empties_outbox(tmp_path: Path, outbox: Outb
             assert got == ids
             await eventually(lambda: outbox.depth("police") == 0, 5)
         finally:
-            await cancel_and_wait(task)
+            await cancel_and_wait(task, timeout=5)
+            assert task.done(), "the uplink ignored its cancellation"
 
 
 async def test_primary_down_uses_backup(tmp_path: Path, outbox: Outbox) -> None:
@@ -99,7 +100,8 @@ async def test_primary_down_uses_backup(tmp_path: Path, outbox: Outbox) -> None:
             assert h.uplink.endpoint is not None
             assert h.uplink.endpoint.port == backup.port
         finally:
-            await cancel_and_wait(task)
+            await cancel_and_wait(task, timeout=5)
+            assert task.done(), "the uplink ignored its cancellation"
 
 
 async def test_alarm_not_acked_in_time_raises_trouble_and_fails_over(tmp_path: Path, outbox: Outbox) -> None:
@@ -129,7 +131,8 @@ async def test_alarm_not_acked_in_time_raises_trouble_and_fails_over(tmp_path: P
             )
         finally:
             primary.thaw()
-            await cancel_and_wait(task)
+            await cancel_and_wait(task, timeout=5)
+            assert task.done(), "the uplink ignored its cancellation"
 
 
 async def test_clean_stop_publishes_offline_status(tmp_path: Path, outbox: Outbox) -> None:
@@ -162,4 +165,5 @@ async def test_backlog_larger_than_the_window_drains_with_no_new_events(
             await await_for(sub, lambda ms: len([m for m in ms if "/events/" in m.topic]) >= 100, timeout=10)
             await eventually(lambda: outbox.depth("police") == 0, 5)
         finally:
-            await cancel_and_wait(task)
+            await cancel_and_wait(task, timeout=5)
+            assert task.done(), "the uplink ignored its cancellation"
