@@ -185,6 +185,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         window, samples = benchlib.measure_cpu(list(pids.values()), args.window)
         req1 = farm.requests()
         mem = {name: benchlib.memory_kib(pid) for name, pid in pids.items()}
+        speed_after = benchlib.speed_index()  # the machine's pace right after the window
         if daemon.proc.poll() is not None:
             raise RuntimeError(f"the daemon exited during the window:\n{daemon.log_tail()}")
         profile = py_spy(pids["daemon"], args.profile, args.profile_out or tmp / "daemon.collapsed")
@@ -211,6 +212,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "machine_busy_percent": round(window.machine_busy, 1),
         "other_processes_percent": round(window.others(), 1),
         "steal_percent": round(window.steal, 1),
+        "speed_index_after_ms": speed_after,
         "daemon_cpu_per_read_us": round(1e6 * window.cpu[pids["daemon"]] / max(1, req1 - req0), 1),
         "daemon_cpu_samples_1s": {
             "min": round(min(samples), 1),
@@ -265,7 +267,8 @@ def main() -> None:
     print(
         f"whole machine during the window: {res['machine_busy_percent']}% busy (of one core; "
         f"{os.cpu_count()} cores), of which other processes {res['other_processes_percent']}%, "
-        f"steal {res['steal_percent']}%; speed index {host['speed_index_ms']} ms"
+        f"steal {res['steal_percent']}%; speed index {host['speed_index_ms']} ms before, "
+        f"{res['speed_index_after_ms']} ms after (a fixed Python workload; lower is faster)"
     )
     print(
         f"reads: {res['reads_per_s']:.0f}/s of {res['reads_expected_per_s']:.0f}/s expected "

@@ -139,10 +139,11 @@ def code_state() -> dict[str, Any]:
         proc = subprocess.run(
             ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
         )
-        return proc.stdout.strip()
+        return proc.stdout
 
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "gateway", "drivers").splitlines()]
-    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_code": changed}
+    status = git("status", "--porcelain", "--", "gateway", "drivers", "simulators")
+    changed = [line[3:] for line in status.splitlines() if len(line) > 3]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted_code": changed}
 
 
 def machine() -> dict[str, Any]:
