@@ -124,7 +124,7 @@ async def test_panic_reaches_both_platforms_and_reset_clears(
             assert p_alarm["severity"] == "critical"
             assert p_alarm["device"]["id"] == "box-gate"
             await sim.release(0)
-            # The panic alarm latches: releasing the button clears nothing...
+            # The panic alarm latches: releasing the button clears nothing (5 polls' worth)...
             await asyncio.sleep(0.5)
             assert not [
                 e for e in events_of(p_sub.messages) if e["type"] == "alarm.panic" and e["state"] == "cleared"
