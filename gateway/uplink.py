@@ -26,7 +26,16 @@ import structlog
 from gateway.backoff import Backoff
 from gateway.config import Endpoint, UplinkConfig
 from gateway.errors import OutboxError, UplinkError
-from gateway.events import DeviceKind, DeviceRef, EventState, Identity, Observation, Severity, format_time
+from gateway.events import (
+    DeviceKind,
+    DeviceRef,
+    EventState,
+    Identity,
+    Observation,
+    Severity,
+    format_time,
+    is_alarm_type,
+)
 from gateway.logs import RateLimited
 from gateway.mqtt import MqttConnection, Will
 from gateway.outbox import Outbox, Row
@@ -305,7 +314,7 @@ class Uplink:
             if not first.done() and now - first_sent > self._stall_deadline:
                 raise UplinkError(self.name, f"no PUBACK for {self._stall_deadline:.0f} s; reconnecting")
         for row, fut, sent in pending.values():
-            if row.type.startswith("alarm.") and not fut.done() and now - sent > self.cfg.alarm_deadline:
+            if is_alarm_type(row.type) and not fut.done() and now - sent > self.cfg.alarm_deadline:
                 self._log.error(
                     "alarm not acknowledged by broker in time; failing over",
                     event_id=row.event_id,
@@ -346,11 +355,9 @@ class Uplink:
         self, pending: dict[int, tuple[Row, asyncio.Future[None], float]], stop_deadline: float | None
     ) -> float | None:
         now = time.monotonic()
-        deadlines = [
-            sent + self.cfg.alarm_deadline
-            for row, _, sent in pending.values()
-            if row.type.startswith("alarm.")
-        ][:1]
+        # Only the oldest pending alarm matters; stop at it instead of scanning the window.
+        first_alarm = next((sent for row, _, sent in pending.values() if is_alarm_type(row.type)), None)
+        deadlines = [] if first_alarm is None else [first_alarm + self.cfg.alarm_deadline]
         if pending:
             deadlines.append(next(iter(pending.values()))[2] + self._stall_deadline)
         if stop_deadline is not None:
