@@ -157,6 +157,14 @@ def log_counts(path: Path) -> dict[str, Any]:
     return {**counts, "warning_events": examples}
 
 
+def user_system(pid: int) -> tuple[float, float]:
+    """(utime, stime) seconds of a process: Python work vs. the kernel's (loopback TCP is both
+    ends' network stack, much of it charged to the sending process)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[11]) / benchlib.CLK_TCK, int(fields[12]) / benchlib.CLK_TCK
+
+
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     per_link = args.units_per_link if args.layout == "units" else 1
     links = -(-args.devices // per_link)
@@ -182,7 +190,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         print(f"daemon pid {pids['daemon']}: READY in {ready:.1f} s; warm-up {args.warmup} s")
         time.sleep(args.warmup)
         req0 = farm.requests()
+        split0 = user_system(pids["daemon"])
         window, samples = benchlib.measure_cpu(list(pids.values()), args.window)
+        split1 = user_system(pids["daemon"])
         req1 = farm.requests()
         mem = {name: benchlib.memory_kib(pid) for name, pid in pids.items()}
         speed_after = benchlib.speed_index()  # the machine's pace right after the window
@@ -214,6 +224,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "steal_percent": round(window.steal, 1),
         "speed_index_after_ms": speed_after,
         "daemon_cpu_per_read_us": round(1e6 * window.cpu[pids["daemon"]] / max(1, req1 - req0), 1),
+        "daemon_user_system_percent": [round(100 * (b - a) / window.wall, 1) for a, b in zip(split0, split1, strict=True)],
         "daemon_cpu_samples_1s": {
             "min": round(min(samples), 1),
             "median": round(benchlib.median(samples), 1),
@@ -261,7 +272,8 @@ def main() -> None:
     )
     s = res["daemon_cpu_samples_1s"]
     print(
-        f"daemon: {res['daemon_cpu_per_read_us']} us CPU per read; 1 s samples min {s['min']} / "
+        f"daemon: {res['daemon_cpu_per_read_us']} us CPU per read "
+        f"(user / system % {res['daemon_user_system_percent']}); 1 s samples min {s['min']} / "
         f"median {s['median']} / max {s['max']} %"
     )
     print(

@@ -417,3 +417,26 @@ async def test_latch_survives_a_restart_and_a_reset_after_it_clears(
     finally:
         await stop(family, tasks)
     assert '"latched": []' in (tmp_path / "devices" / "box.latched.json").read_text()
+
+
+async def test_a_change_is_confirmed_at_once_not_a_poll_later(sim: AlarmBoxSimulator) -> None:
+    """With a 2-sample debounce the second sample is a confirming read a few ms after the
+    first, not the next regular poll: a press right after a poll is reported about one
+    interval later (the next poll plus the confirmation), not two."""
+    interval = 1.0
+    async with running([box(sim, poll_interval=interval, debounce_samples=2)]) as (family, sink):
+        (driver,) = family.drivers
+        await polls(driver, 1)
+        seen = driver.status.polls
+        for _ in range(400):  # bounded: a poll is due within one interval
+            if driver.status.polls > seen:
+                break
+            await asyncio.sleep(0.005)
+        start = time.monotonic()  # just after a regular poll
+        await sim.press(1)
+        await sink.wait(is_("alarm.panic", EventState.ACTIVE, zone=1), within=3 * interval)
+        took = time.monotonic() - start
+        assert 0.8 * interval < took < 1.6 * interval  # without the confirming read: about 2 intervals
+        reads = sim.requests(function_code=2)
+        await asyncio.sleep(0.3)
+        assert sim.requests(function_code=2) == reads  # settled: back on the 1 s grid, no extra reads

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -248,19 +248,23 @@ async def test_cancellation_is_never_swallowed(sim: AlarmBoxSimulator) -> None:
 
 
 async def test_cancel_while_connecting_propagates_even_if_pymodbus_swallows_it(
-    sim: AlarmBoxSimulator, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_connect = AsyncModbusTcpClient.connect
+    """RTU lines run on pymodbus' serial client, which connects with asyncio.wait_for."""
+    real_connect = AsyncModbusSerialClient.connect
 
-    async def swallowing_connect(self: AsyncModbusTcpClient) -> bool:
+    async def swallowing_connect(self: AsyncModbusSerialClient) -> bool:
         try:
             await asyncio.sleep(0.2)
         except asyncio.CancelledError:  # as Python 3.11's wait_for does when the connect completes meanwhile
             return await real_connect(self)
         return await real_connect(self)
 
-    monkeypatch.setattr(AsyncModbusTcpClient, "connect", swallowing_connect)
-    async with ModbusHub(TcpLink("127.0.0.1", sim.port), timeout=TIMEOUT) as hub:
+    monkeypatch.setattr(AsyncModbusSerialClient, "connect", swallowing_connect)
+    async with (
+        rtu_over_tcp() as port,
+        ModbusHub(SerialLink(f"socket://127.0.0.1:{port}"), timeout=0.5) as hub,
+    ):
         task = asyncio.create_task(hub.unit(1, device_id="box").read_coils(0, 1))
         await asyncio.sleep(0.05)
         task.cancel()

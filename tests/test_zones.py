@@ -311,3 +311,38 @@ def test_debouncer_returns_to_stable_value_forgets_candidate() -> None:
     assert d.feed(2, 4) is False
     assert d.feed(2, 5) is True
     assert d.stable == 2
+
+
+class _NoShortcut(ZoneSet):
+    """The zones run on every sample, as before the unchanged-sample shortcut."""
+
+    def update(self, inputs: Sequence[bool], analog: Sequence[int] | None, now: float) -> list[ZoneEvent]:
+        self._settled = False
+        return super().update(inputs, analog, now)
+
+
+@given(
+    samples=st.lists(
+        st.tuples(st.lists(st.booleans(), min_size=4, max_size=4), st.sampled_from([50, 4700, 9400, 65535])),
+        max_size=40,
+    ),
+    debounce=st.sampled_from([Debounce(samples=1), Debounce(samples=2), Debounce(samples=3)]),
+    resets=st.sets(st.integers(0, 39)),
+)
+def test_skipping_unchanged_samples_changes_no_event(
+    samples: list[tuple[list[bool], int]], debounce: Debounce, resets: set[int]
+) -> None:
+    eol = Eol(0, BANDS)
+    specs = [
+        ZoneSpec(0, ZoneType.PANIC, eol=eol),
+        ZoneSpec(1, ZoneType.INTRUSION),
+        ZoneSpec(2, ZoneType.TAMPER, normally_closed=True),
+        ZoneSpec(3, ZoneType.RESET),
+    ]
+    fast, slow = ZoneSet(specs, debounce), _NoShortcut(specs, debounce)
+    for i, (inputs, ohms) in enumerate(samples):
+        for _ in range(2):  # each sample twice: the second is the one the shortcut may skip
+            assert fast.update(inputs, [ohms], i) == slow.update(inputs, [ohms], i)
+        if i in resets:
+            assert fast.reset() == slow.reset()
+        assert fast.latched == slow.latched

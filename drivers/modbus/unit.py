@@ -4,23 +4,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pymodbus.pdu import ModbusPDU
-
-from gateway.errors import DeviceProtocolError, DeviceRejected
+from drivers.modbus.pdu import (
+    COIL_OFF,
+    COIL_ON,
+    READ_COILS,
+    READ_DISCRETE_INPUTS,
+    READ_HOLDING_REGISTERS,
+    READ_INPUT_REGISTERS,
+    WRITE_SINGLE_COIL,
+    WRITE_SINGLE_REGISTER,
+    Reply,
+    Request,
+)
+from gateway.errors import DeviceRejected
 
 if TYPE_CHECKING:
-    from drivers.modbus.hub import Call, ModbusHub
+    from drivers.modbus.hub import ModbusHub
 
 # Modbus application protocol 6.1-6.4: most bits / registers one read may ask for.
 MAX_BITS = 2000
 MAX_REGISTERS = 125
-
-READ_COILS = 1
-READ_DISCRETE_INPUTS = 2
-READ_HOLDING_REGISTERS = 3
-READ_INPUT_REGISTERS = 4
-WRITE_SINGLE_COIL = 5
-WRITE_SINGLE_REGISTER = 6
 
 EXCEPTION_NAMES = {
     1: "illegal function",
@@ -46,48 +49,28 @@ class UnitClient:
 
     async def read_coils(self, address: int, count: int) -> list[bool]:
         _check_range(address, count, MAX_BITS)
-        rsp = await self._run(
-            f"read coils {address}+{count}",
-            READ_COILS,
-            lambda c: c.read_coils(address, count=count, device_id=self.unit),
-        )
-        return self._bits(rsp, count)
+        rsp = await self._run(Request(READ_COILS, address, count))
+        return list(rsp.bits)
 
     async def read_discrete_inputs(self, address: int, count: int) -> list[bool]:
         _check_range(address, count, MAX_BITS)
-        rsp = await self._run(
-            f"read discrete inputs {address}+{count}",
-            READ_DISCRETE_INPUTS,
-            lambda c: c.read_discrete_inputs(address, count=count, device_id=self.unit),
-        )
-        return self._bits(rsp, count)
+        rsp = await self._run(Request(READ_DISCRETE_INPUTS, address, count))
+        return list(rsp.bits)
 
     async def read_holding_registers(self, address: int, count: int) -> list[int]:
         _check_range(address, count, MAX_REGISTERS)
-        rsp = await self._run(
-            f"read holding registers {address}+{count}",
-            READ_HOLDING_REGISTERS,
-            lambda c: c.read_holding_registers(address, count=count, device_id=self.unit),
-        )
-        return self._registers(rsp, count)
+        rsp = await self._run(Request(READ_HOLDING_REGISTERS, address, count))
+        return list(rsp.registers)
 
     async def read_input_registers(self, address: int, count: int) -> list[int]:
         _check_range(address, count, MAX_REGISTERS)
-        rsp = await self._run(
-            f"read input registers {address}+{count}",
-            READ_INPUT_REGISTERS,
-            lambda c: c.read_input_registers(address, count=count, device_id=self.unit),
-        )
-        return self._registers(rsp, count)
+        rsp = await self._run(Request(READ_INPUT_REGISTERS, address, count))
+        return list(rsp.registers)
 
     async def write_coil(self, address: int, value: bool) -> None:
         """Write one coil, then read it back; a different value raises DeviceRejected."""
         _check_range(address, 1, 1)
-        await self._run(
-            f"write coil {address}",
-            WRITE_SINGLE_COIL,
-            lambda c: c.write_coil(address, value, device_id=self.unit),
-        )
+        await self._run(Request(WRITE_SINGLE_COIL, address, COIL_ON if value else COIL_OFF))
         (actual,) = await self.read_coils(address, 1)
         if actual != value:
             raise DeviceRejected(self.device_id, f"coil {address}: wrote {value}, read back {actual}")
@@ -97,41 +80,25 @@ class UnitClient:
         _check_range(address, 1, 1)
         if not 0 <= value <= 0xFFFF:
             raise ValueError(f"register value {value} is not 0..65535")
-        await self._run(
-            f"write register {address}",
-            WRITE_SINGLE_REGISTER,
-            lambda c: c.write_register(address, value, device_id=self.unit),
-        )
+        await self._run(Request(WRITE_SINGLE_REGISTER, address, value))
         (actual,) = await self.read_holding_registers(address, 1)
         if actual != value:
             raise DeviceRejected(self.device_id, f"register {address}: wrote {value}, read back {actual}")
 
-    async def _run(self, what: str, function_code: int, call: Call) -> ModbusPDU:
-        what = f"unit {self.unit}: {what}"
-        rsp = await self.hub.execute(self.device_id, what, self.unit, function_code, call, limit=self.timeout)
-        if rsp.function_code == function_code | 0x80:
-            code = int(getattr(rsp, "exception_code", 0))
+    async def read(self, request: Request) -> Reply:
+        """Run a read built once (the polling path: no range checks, no per-call objects)."""
+        return await self._run(request)
+
+    async def _run(self, request: Request) -> Reply:
+        rsp = await self.hub.execute(self.device_id, self.unit, request, limit=self.timeout)
+        code = rsp.exception_code
+        if code is not None:
             name = EXCEPTION_NAMES.get(code, "unknown exception")
-            raise DeviceRejected(self.device_id, f"{what}: exception {code} ({name})", code=code)
-        if rsp.function_code != function_code:
-            raise DeviceProtocolError(self.device_id, f"{what}: reply has function code {rsp.function_code}")
+            what = request.describe()
+            raise DeviceRejected(
+                self.device_id, f"unit {self.unit}: {what}: exception {code} ({name})", code=code
+            )
         return rsp
-
-    def _bits(self, rsp: ModbusPDU, count: int) -> list[bool]:
-        bits = list(rsp.bits)
-        if len(bits) < count:
-            raise DeviceProtocolError(
-                self.device_id, f"unit {self.unit}: {len(bits)} bits, asked for {count}"
-            )
-        return [bool(b) for b in bits[:count]]
-
-    def _registers(self, rsp: ModbusPDU, count: int) -> list[int]:
-        regs = list(rsp.registers)
-        if len(regs) != count:
-            raise DeviceProtocolError(
-                self.device_id, f"unit {self.unit}: {len(regs)} registers, asked for {count}"
-            )
-        return [int(r) for r in regs]
 
 
 def _check_range(address: int, count: int, most: int) -> None:

@@ -168,6 +168,11 @@ class Debouncer(Generic[T]):
             return True
         return False
 
+    @property
+    def settled(self) -> bool:
+        """A stable value and nothing pending: feeding that value again changes nothing."""
+        return self._candidate is None and self.stable is not None
+
 
 @dataclass
 class _Line:
@@ -201,6 +206,10 @@ class Zone:
     @property
     def latched(self) -> bool:
         return self.state in (ZoneState.ACTIVE, ZoneState.LATCHED) and self.spec.type is ZoneType.PANIC
+
+    @property
+    def settled(self) -> bool:
+        return self._input.settled and (self._line is None or self._line.band.settled)
 
     def update(self, raw: bool, analog: int | None, now: float) -> tuple[list[ZoneEvent], bool]:
         """Feed one sample; returns the events and whether the zone became active just now."""
@@ -292,6 +301,20 @@ class ZoneSet:
 
     def __post_init__(self) -> None:
         self.zones: dict[int, Zone] = {s.index: Zone(s, self.debounce) for s in self.specs}
+        self._last: tuple[tuple[bool, ...], tuple[int, ...] | None] | None = None
+        self._settled = False
+
+    def unchanged(self, inputs: Sequence[bool], analog: Sequence[int] | None) -> bool:
+        """The same samples as last time, every zone settled: an update would change nothing."""
+        last = self._last
+        if not self._settled or last is None:
+            return False
+        return tuple(inputs) == last[0] and (None if analog is None else tuple(analog)) == last[1]
+
+    @property
+    def pending(self) -> bool:
+        """Some input changed and its debounce has not yet decided."""
+        return not self._settled
 
     @property
     def latched(self) -> list[int]:
@@ -299,7 +322,14 @@ class ZoneSet:
         return [i for i, z in self.zones.items() if z.latched]
 
     def update(self, inputs: Sequence[bool], analog: Sequence[int] | None, now: float) -> list[ZoneEvent]:
-        """Feed one poll's samples; ``inputs`` and ``analog`` are the profile's blocks."""
+        """Feed one poll's samples; ``inputs`` and ``analog`` are the profile's blocks.
+
+        The samples of most polls equal the previous ones with every zone settled:
+        such a poll changes nothing and is not run through the zones.
+        """
+        if self.unchanged(inputs, analog):
+            return []
+        self._last = (tuple(inputs), None if analog is None else tuple(analog))  # a copy: callers reuse lists
         events: list[ZoneEvent] = []
         key_turned = False
         for zone in self.zones.values():
@@ -310,6 +340,7 @@ class ZoneSet:
             key_turned |= rose and zone.spec.type is ZoneType.RESET
         if key_turned:
             events += self.reset(cleared_by="key_switch")[1]
+        self._settled = all(z.settled for z in self.zones.values())
         return events
 
     def restore_latched(self, indices: Sequence[int]) -> list[int]:
