@@ -224,7 +224,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "steal_percent": round(window.steal, 1),
         "speed_index_after_ms": speed_after,
         "daemon_cpu_per_read_us": round(1e6 * window.cpu[pids["daemon"]] / max(1, req1 - req0), 1),
-        "daemon_user_system_percent": [round(100 * (b - a) / window.wall, 1) for a, b in zip(split0, split1, strict=True)],
+        "daemon_user_system_percent": [
+            round(100 * (b - a) / window.wall, 1) for a, b in zip(split0, split1, strict=True)
+        ],
         "daemon_cpu_samples_1s": {
             "min": round(min(samples), 1),
             "median": round(benchlib.median(samples), 1),
