@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import enum
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -78,15 +78,46 @@ class DriverContext:
     state_dir: Path | None = None
 
 
+class Verdict(enum.StrEnum):
+    """How a device ended a command."""
+
+    DONE = "done"
+    FAILED = "failed"  # tried, and the device did not do it (or did not confirm it in time)
+    REFUSED = "refused"  # not tried: the device's state forbids it (interlock, local mode, fault)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The end of one command on one device. ``reason`` is a stable code (``interlock``,
+    ``local_mode``, ``fault``, ``unavailable``, ``not_confirmed``, ``bad_args``...);
+    ``detail`` is for people; ``data`` holds what the device reported (final state)."""
+
+    verdict: Verdict
+    reason: str | None = None
+    detail: str = ""
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
 class Driver(abc.ABC):
-    """One device. ``run`` loops until cancelled and handles its own transient errors."""
+    """One device. ``run`` loops until cancelled and handles its own transient errors.
+
+    A driver that takes commands names them in ``commands`` and implements
+    :meth:`command`; ``groups`` are the targets besides its id that address it
+    (``gate:main`` for every bollard of the main gate).
+    """
 
     device: DeviceRef
     status: DeviceStatus
+    commands: ClassVar[frozenset[str]] = frozenset()
+    groups: tuple[str, ...] = ()
 
     @abc.abstractmethod
     async def run(self, sink: EventSink) -> None:
         """Watch the device and publish observations until cancelled. Only bugs propagate."""
+
+    async def command(self, name: str, args: Mapping[str, Any]) -> Outcome:
+        """Carry out one verified command, bounded in time; device errors become an Outcome."""
+        return Outcome(Verdict.REFUSED, "unsupported", f"{self.device.id} does not take {name}")
 
 
 class DriverFamily(abc.ABC):

@@ -106,6 +106,10 @@ class ModbusHub:
     def state(self) -> HubState:
         return self._state
 
+    def limit_backoff(self, cap: float) -> None:
+        """Cap the reconnect backoff lower (a second user of the link wants it sooner)."""
+        self._backoff.cap = min(self._backoff.cap, cap)
+
     @property
     def retry_in(self) -> float:
         """Seconds until the next connect may be tried (0 when not backing off)."""

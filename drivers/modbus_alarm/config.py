@@ -6,12 +6,9 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from drivers.modbus.links import Link, SerialLink, TcpLink
+from drivers.modbus.config import ModbusDeviceConfig
 from drivers.modbus_alarm.profile import NAME_PATTERN
 from drivers.modbus_alarm.zones import ZoneType
-from gateway.driver import DeviceConfig
-
-_SERIAL_FIELDS = ("serial_port", "baudrate", "parity", "stopbits", "bytesize")
 
 
 class ZoneOverride(BaseModel):
@@ -26,45 +23,12 @@ class ZoneOverride(BaseModel):
     )
 
 
-class AlarmBoxConfig(DeviceConfig):
+class AlarmBoxConfig(ModbusDeviceConfig):
     """One Modbus alarm box or I/O module. Unknown keys are rejected."""
 
     driver: Literal["modbus_alarm"] = Field(description="driver family name")
-    transport: Literal["tcp", "rtu"] = Field(
-        default="tcp", description="tcp: Modbus TCP; rtu: Modbus RTU on a serial line (or a pyserial URL)"
-    )
-    host: str | None = Field(default=None, min_length=1, description="tcp: the box's address")
-    port: int = Field(default=502, ge=1, le=65535, description="tcp: the Modbus TCP port")
-    serial_port: str | None = Field(
-        default=None,
-        min_length=1,
-        description="rtu: device such as /dev/ttyUSB0, or a pyserial URL such as socket://10.0.0.9:4001",
-    )
-    baudrate: int = Field(default=9600, ge=1200, le=921600, description="rtu: line speed")
-    parity: Literal["N", "E", "O"] = Field(default="N", description="rtu: N, E or O")
-    stopbits: Literal[1, 2] = Field(default=1, description="rtu: 1 or 2")
-    bytesize: Literal[7, 8] = Field(default=8, description="rtu: data bits")
-    unit: int = Field(
-        default=1, ge=0, le=255, description="Modbus device id (unit id) of the box on its link"
-    )
     profile: str = Field(
         pattern=NAME_PATTERN, description="profile name, e.g. generic-8di (file generic-8di.yaml)"
-    )
-    # 0.2 s: a press is seen within 0.2 s and accepted after the debounce (one more poll),
-    # leaving most of the 2 s alarm budget to the uplink; 5 reads/s is nothing on a LAN.
-    # ge 0.05: faster polling adds load on shared RS-485 lines and gains nothing humanly visible.
-    poll_interval: float = Field(default=0.2, ge=0.05, le=60, description="seconds between polls")
-    # 0.3 s: LAN devices answer in 1-20 ms; a hung box must cost its link little per poll.
-    timeout: float = Field(default=0.3, gt=0, le=10, description="seconds to wait for each answer")
-    # 3 polls (0.6 s plus timeouts at the defaults): a single lost frame is not an outage,
-    # and the center still hears of a dead box within about 2 s.
-    offline_after: int = Field(
-        default=3, ge=1, le=1000, description="consecutive failed polls before device.offline"
-    )
-    # 5 s: a box back from a power cut or a replugged cable is found again within seconds,
-    # without hammering a link that is down (pymodbus' own default grows to 300 s).
-    reconnect_max: float = Field(
-        default=5.0, ge=0.1, le=300, description="longest wait between reconnects (s)"
     )
     debounce_samples: int | None = Field(
         default=None, ge=1, le=50, description="override the profile: consecutive equal samples to accept"
@@ -76,37 +40,14 @@ class AlarmBoxConfig(DeviceConfig):
         default_factory=dict, description="per-input overrides, keyed by input index"
     )
 
+    # 30 s: the box's ack LED tells the person who pressed that the center has the alarm;
+    # long enough to be seen on the way back to the button, short of looking stuck.
+    ack_seconds: float = Field(
+        default=30.0, gt=0, le=3600, description="how long alarm.ack lights the ack_led output"
+    )
+
     @model_validator(mode="after")
-    def _transport_fields(self) -> Self:
-        given = self.model_fields_set
-        if self.transport == "tcp":
-            if self.host is None:
-                raise ValueError("transport tcp needs 'host'")
-            wrong = [f for f in _SERIAL_FIELDS if f in given]
-            if wrong:
-                raise ValueError(f"{', '.join(wrong)}: only for transport rtu")
-        else:
-            if self.serial_port is None:
-                raise ValueError("transport rtu needs 'serial_port'")
-            wrong = [f for f in ("host", "port") if f in given]
-            if wrong:
-                raise ValueError(f"{', '.join(wrong)}: only for transport tcp")
-            if not 1 <= self.unit <= 247:
-                raise ValueError("on RTU the unit id is 1..247")
+    def _debounce(self) -> Self:
         if self.debounce_samples is not None and self.debounce_ms is not None:
             raise ValueError("give debounce_samples or debounce_ms, not both")
         return self
-
-    @property
-    def link(self) -> Link:
-        if self.transport == "tcp":
-            assert self.host is not None  # the validator guarantees it
-            return TcpLink(self.host, self.port)
-        assert self.serial_port is not None
-        return SerialLink(
-            self.serial_port,
-            baudrate=self.baudrate,
-            parity=self.parity,
-            stopbits=self.stopbits,
-            bytesize=self.bytesize,
-        )

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import structlog
 
-from drivers.modbus.errorlog import RepeatedError
+from drivers.modbus.liveness import Liveness, Presence
 from drivers.modbus.pdu import (
     READ_COILS,
     READ_DISCRETE_INPUTS,
@@ -17,14 +17,15 @@ from drivers.modbus.pdu import (
     READ_INPUT_REGISTERS,
     Request,
 )
+from drivers.modbus.ticker import Ticker
 from drivers.modbus.unit import UnitClient
 from drivers.modbus_alarm.config import AlarmBoxConfig, ZoneOverride
 from drivers.modbus_alarm.latches import LatchStore
 from drivers.modbus_alarm.profile import Profile, Table, ZoneModel
 from drivers.modbus_alarm.zones import Band, Debounce, Eol, ZoneEvent, ZoneSet, ZoneSpec
-from gateway.driver import DeviceStatus, Driver, LinkState
-from gateway.errors import DriverError
-from gateway.events import ContactId, DeviceKind, DeviceRef, EventSink, Observation, Severity
+from gateway.driver import DeviceStatus, Driver, Outcome, Verdict
+from gateway.errors import DeviceUnavailable, DriverError
+from gateway.events import DeviceKind, DeviceRef, EventSink, Observation
 
 # 5 ms between the reads that confirm a change: an induced spike on a long cable run lasts
 # microseconds, so two reads 5 ms apart still reject it, while a press (held for hundreds
@@ -34,43 +35,6 @@ CONFIRM_DELAY = 0.005
 # At most this many confirming reads in a row, then the regular grid again: an input
 # that flaps faster than the debounce never turns polling into a 200 Hz loop.
 MAX_CONFIRMS = 4
-
-
-class Ticker:
-    """Poll deadlines on a monotonic grid: a poll's own duration never shifts the next one
-    (no drift), and two polls never start closer than ``interval``.
-
-    An overrun (a poll longer than the interval) starts the next poll at once and
-    re-anchors the grid there, rather than bursting to catch up; a late wake-up
-    moves the grid by that lateness.
-    """
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._due: float | None = None
-        self._last = 0.0
-
-    async def wait(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if self._due is None:
-            due = now
-        else:
-            due = max(self._due, self._last + self.interval)
-            if now < due:
-                await asyncio.sleep(due - now)
-            else:
-                due = now
-        self._last = loop.time()
-        self._due = due + self.interval
-
-
-class Presence(enum.StrEnum):
-    """Whether the box answers, as reported by device.offline / device.online events."""
-
-    UNKNOWN = "unknown"  # not yet answered, not yet declared offline
-    ONLINE = "online"
-    OFFLINE = "offline"  # device.offline published; device.online follows the first answer
 
 
 def zone_specs(profile: Profile, overrides: Mapping[int, ZoneOverride]) -> list[ZoneSpec]:
@@ -103,6 +67,8 @@ def debounce_rule(profile: Profile, cfg: AlarmBoxConfig) -> Debounce:
 class AlarmBoxDriver(Driver):
     """Polls one box through its hub and publishes zone changes and presence changes."""
 
+    commands: ClassVar[frozenset[str]] = frozenset({"alarm.reset", "alarm.ack"})
+
     def __init__(
         self, config: AlarmBoxConfig, profile: Profile, unit: UnitClient, latches: LatchStore | None = None
     ) -> None:
@@ -111,7 +77,6 @@ class AlarmBoxDriver(Driver):
         self.unit = unit
         self.device = DeviceRef(config.id, DeviceKind.ALARM_BOX, config.name, config.location)
         self.status = DeviceStatus()
-        self.presence = Presence.UNKNOWN
         self._reader = BoxReader(profile)
         rule = debounce_rule(profile, config)
         self._zones = ZoneSet(zone_specs(profile, config.zones), rule)
@@ -120,11 +85,11 @@ class AlarmBoxDriver(Driver):
         self._confirm_delay = min(max(CONFIRM_DELAY, hold), config.poll_interval)
         self._latches = latches or LatchStore(None, config.id)
         self.status.detail["latched"] = []
-        self._failures = 0
         self._sink: EventSink | None = None
         self._lock = asyncio.Lock()  # zone state and its publishing: poll loop vs. reset()
         self._log = structlog.get_logger(__name__).bind(device=config.id)
-        self._poll_errors = RepeatedError(self._log, "poll failed")
+        self._liveness = Liveness(self.device, self.status, unit, config.offline_after, self._log)
+        self._ack_until: float | None = None  # loop time at which the lit ack output goes off
 
     async def run(self, sink: EventSink) -> None:
         """Poll at the configured interval until cancelled."""
@@ -156,12 +121,11 @@ class AlarmBoxDriver(Driver):
         try:
             inputs, analog = await self._read()
         except DriverError as exc:
-            await self._poll_failed(exc, sink)
+            await self._liveness.failed(exc, sink)
             return
-        if self._failures or self.presence is not Presence.ONLINE:
-            await self._poll_ok(sink)
-        else:
-            self.status.last_poll_ok = time.time()
+        await self._liveness.ok(sink)
+        if self._ack_until is not None:
+            await self._ack_expiry()
         if self._zones.unchanged(inputs, analog):  # most polls: nothing to do
             return
         async with self._lock:
@@ -209,45 +173,57 @@ class AlarmBoxDriver(Driver):
     async def _read(self) -> tuple[Sequence[bool], Sequence[int] | None]:
         return await self._reader.read(self.unit)
 
-    async def _poll_failed(self, exc: DriverError, sink: EventSink) -> None:
-        self._failures += 1
-        self.status.poll_errors += 1
-        self.status.last_error = str(exc)
-        self._poll_errors.failed(type(exc).__name__, error=str(exc))
-        if self._failures >= self.config.offline_after and self.presence is not Presence.OFFLINE:
-            self.presence = Presence.OFFLINE
-            self.status.set_state(LinkState.OFFLINE)
-            await self._publish_presence(
-                sink, "device.offline", Severity.MAJOR, ContactId.COMM_TROUBLE, str(exc)
-            )
+    @property
+    def presence(self) -> Presence:
+        return self._liveness.presence
 
-    async def _poll_ok(self, sink: EventSink) -> None:
-        self._failures = 0
-        self.status.last_poll_ok = time.time()
-        self._poll_errors.recovered()
-        self.status.set_state(LinkState.ONLINE)
-        if self.presence is Presence.OFFLINE:
-            self.presence = Presence.ONLINE
-            await self._publish_presence(
-                sink, "device.online", Severity.INFO, ContactId.COMM_RESTORE, "answering"
-            )
-        self.presence = Presence.ONLINE
+    async def command(self, name: str, args: Mapping[str, Any]) -> Outcome:
+        """alarm.reset (args: optional ``zone``) and alarm.ack (lights ``ack_led``)."""
+        if self._sink is None:
+            return Outcome(Verdict.FAILED, "not_running", f"{self.device.id} is not running")
+        try:
+            if name == "alarm.reset":
+                return await self._reset_command(args)
+            if name == "alarm.ack":
+                return await self._ack_command(args)
+        except DeviceUnavailable as exc:
+            return Outcome(Verdict.FAILED, "unavailable", str(exc))
+        except DriverError as exc:  # protocol error or rejected write: the box did not do it
+            return Outcome(Verdict.FAILED, "device_error", str(exc))
+        return await super().command(name, args)
 
-    async def _publish_presence(
-        self, sink: EventSink, kind: str, severity: Severity, code: int, reason: str
-    ) -> None:
-        data = {
-            "contact_id": int(code),
-            "reason": reason,
-            "link": self.unit.hub.link.label,
-            "unit": self.unit.unit,
-        }
-        self.status.detail["presence"] = self.presence.value
-        if self.presence is Presence.OFFLINE:
-            self._log.warning(kind, reason=reason)
-        else:
-            self._log.info(kind)
-        await sink.publish(Observation(self.device, kind, severity, data=data))
+    async def _reset_command(self, args: Mapping[str, Any]) -> Outcome:
+        zone = args.get("zone")
+        zones = self._zones.zones
+        if set(args) - {"zone"} or (zone is not None and (type(zone) is not int or zone not in zones)):
+            return Outcome(Verdict.REFUSED, "bad_args", f"args: optional 'zone', one of {sorted(zones)}")
+        cleared = await self.reset(zone)
+        held = [z for z in self._zones.latched if zone is None or z == zone]
+        data = {"cleared": cleared, "latched": self._zones.latched}
+        if held:
+            return Outcome(Verdict.REFUSED, "held", f"zones {held} still pressed: reset after release", data)
+        return Outcome(Verdict.DONE, None, f"cleared zones {cleared}" if cleared else "nothing latched", data)
+
+    async def _ack_command(self, args: Mapping[str, Any]) -> Outcome:
+        if args:
+            return Outcome(Verdict.REFUSED, "bad_args", "alarm.ack takes no args")
+        if "ack_led" not in self.profile.outputs:
+            return Outcome(Verdict.REFUSED, "unsupported", f"profile {self.config.profile!r} has no ack_led")
+        await self.set_output("ack_led", True)
+        self._ack_until = asyncio.get_running_loop().time() + self.config.ack_seconds
+        return Outcome(Verdict.DONE, None, f"ack_led on for {self.config.ack_seconds:g} s")
+
+    async def _ack_expiry(self) -> None:
+        """Switch the ack output off once its time is up; retried at the next poll on failure."""
+        assert self._ack_until is not None
+        if asyncio.get_running_loop().time() < self._ack_until:
+            return
+        try:
+            await self.set_output("ack_led", False)
+        except DriverError as exc:
+            self._log.warning("ack_led off failed; retrying", error=str(exc))
+            return
+        self._ack_until = None
 
     async def _publish_all(self, sink: EventSink, events: Sequence[ZoneEvent]) -> None:
         now = time.time()

@@ -8,11 +8,11 @@ from types import TracebackType
 from typing import ClassVar, Self
 
 from drivers.modbus.hub import ModbusHub
+from drivers.modbus.pool import shared_hub
 from drivers.modbus_alarm.config import AlarmBoxConfig
 from drivers.modbus_alarm.driver import AlarmBoxDriver
 from drivers.modbus_alarm.latches import LatchStore
 from drivers.modbus_alarm.profile import load_profile
-from gateway.backoff import Backoff
 from gateway.driver import DeviceConfig, DriverContext, DriverFamily
 from gateway.errors import ConfigError
 from gateway.events import DeviceKind
@@ -74,7 +74,14 @@ class AlarmBoxFamily(DriverFamily):
                 profile = load_profile(cfg.profile, self.ctx.profile_dirs)
                 hub = hubs.get(cfg.link.key)
                 if hub is None:
-                    hub = hubs[cfg.link.key] = await stack.enter_async_context(self._hub_for(cfg))
+                    on_link = [c for c in self.configs if c.link.key == cfg.link.key]
+                    hub = hubs[cfg.link.key] = await stack.enter_async_context(
+                        shared_hub(
+                            cfg.link,
+                            timeout=min(c.timeout for c in on_link),
+                            reconnect_max=min(c.reconnect_max for c in on_link),
+                        )
+                    )
                 unit = hub.unit(cfg.unit, device_id=cfg.id, timeout=cfg.timeout)
                 latches = LatchStore(self.ctx.state_dir, cfg.id)
                 drivers.append(AlarmBoxDriver(cfg, profile, unit, latches))
@@ -98,14 +105,6 @@ class AlarmBoxFamily(DriverFamily):
             if d.device.id == device_id:
                 return d
         raise KeyError(device_id)
-
-    def _hub_for(self, cfg: AlarmBoxConfig) -> ModbusHub:
-        on_link = [c for c in self.configs if c.link.key == cfg.link.key]
-        return ModbusHub(
-            cfg.link,
-            timeout=min(c.timeout for c in on_link),
-            backoff=Backoff(cap=min(c.reconnect_max for c in on_link)),
-        )
 
 
 def _own(dev: DeviceConfig) -> AlarmBoxConfig:
