@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from simulators.alarm_box import AlarmBoxSimulator
+from simulators.bollard import BollardSimulator
 
 
 def add_sim_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -42,7 +43,41 @@ def add_sim_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--unit", type=int, action="append", dest="units", help="unit id served (repeatable; default 1)"
     )
     box.set_defaults(func=run_alarm_box)
+    _add_bollard_parser(kinds)
     return sim
+
+
+def _add_bollard_parser(kinds: Any) -> None:
+    bollard = kinds.add_parser(
+        "bollard",
+        help="Modbus TCP anti-ram bollard controllers with physics and fault injection",
+        description="Bollard controller PLCs (one per unit id) on 127.0.0.1 with an HTTP control "
+        "API (?unit=N picks the unit): POST /loop {'occupied': true}, POST /photocell "
+        "{'blocked': true}, POST /mode {'mode': 'local'}, POST /faults/{name} {'on': true}, "
+        "POST /jam {'on': true}, POST /command {'command': 1}, POST /fault {'mode': 'silent'}, "
+        "GET /state. Register map: docs/drivers/bollard-plc.md.",
+    )
+    bollard.add_argument(
+        "--port", type=_port, default=5021, help="Modbus TCP port (0: any free one; default 5021)"
+    )
+    bollard.add_argument(
+        "--control-port", type=_port, default=8503, help="HTTP control port (0: any; default 8503)"
+    )
+    bollard.add_argument(
+        "--units", type=_units, default=[1], help="unit ids served, one bollard each: 1,2,3 (default 1)"
+    )
+    for name, default, what in (
+        ("raise", 4.0, "a full rise"),
+        ("lower", 3.0, "a full lowering"),
+        ("emergency", 1.5, "a full emergency rise"),
+    ):
+        bollard.add_argument(
+            f"--{name}-seconds",
+            type=float,
+            default=default,
+            help=f"{what} takes this long (default {default})",
+        )
+    bollard.set_defaults(func=run_bollard)
 
 
 def run_alarm_box(args: argparse.Namespace) -> int:
@@ -69,6 +104,46 @@ async def _serve_alarm_box(args: argparse.Namespace) -> None:
         ready = {"sim": "alarm-box", "port": sim.port, "control_port": sim.control_port, "units": units}
         print(json.dumps(ready), flush=True)
         await stop.wait()
+
+
+def run_bollard(args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(_serve_bollard(args))
+    except ValueError as exc:
+        print(f"sim bollard: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"sim bollard: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve_bollard(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with BollardSimulator(
+        port=args.port,
+        control_port=args.control_port,
+        units=args.units,
+        raise_seconds=args.raise_seconds,
+        lower_seconds=args.lower_seconds,
+        emergency_seconds=args.emergency_seconds,
+    ) as sim:
+        ready = {"sim": "bollard", "port": sim.port, "control_port": sim.control_port, "units": args.units}
+        print(json.dumps(ready), flush=True)
+        await stop.wait()
+
+
+def _units(text: str) -> list[int]:
+    try:
+        units = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: unit ids separated by commas, like 1,2,3") from None
+    if not all(1 <= u <= 247 for u in units) or len(set(units)) != len(units):
+        raise argparse.ArgumentTypeError(f"{text!r}: unit ids 1..247, each once")
+    return units
 
 
 def _port(text: str) -> int:
