@@ -427,9 +427,9 @@ async def test_a_change_is_confirmed_at_once_not_a_poll_later(sim: AlarmBoxSimul
     async with running([box(sim, poll_interval=interval, debounce_samples=2)]) as (family, sink):
         (driver,) = family.drivers
         await polls(driver, 1)
-        seen = driver.status.polls
+        seen = driver.status.last_poll_ok
         for _ in range(400):  # bounded: a poll is due within one interval
-            if driver.status.polls > seen:
+            if driver.status.last_poll_ok != seen:  # set once a poll's read has returned
                 break
             await asyncio.sleep(0.005)
         start = time.monotonic()  # just after a regular poll

@@ -11,21 +11,16 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from drivers.modbus.profiles import SHIPPED_PACKAGE, available_profiles, find_profile, shipped_dir
 from drivers.modbus_alarm import AlarmBoxConfig, AlarmBoxFamily, load_profile
 from drivers.modbus_alarm.driver import zone_specs
-from drivers.modbus_alarm.profile import (
-    SHIPPED_PACKAGE,
-    Table,
-    available_profiles,
-    find_profile,
-    parse_profile,
-    shipped_dir,
-)
+from drivers.modbus_alarm.profile import Table, parse_profile
 from drivers.modbus_alarm.zones import LineBand, ZoneType
 from gateway.driver import DeviceConfig, DriverContext
 from gateway.errors import ConfigError
 
-SHIPPED = ["adam-6050", "generic-16di", "generic-8di", "generic-8di-eol"]
+SHIPPED = ["adam-6050", "generic-16di", "generic-8di", "generic-8di-eol"]  # alarm boxes
+SHIPPED_OTHER = ["generic-bollard-plc"]
 
 
 def good() -> dict[str, Any]:
@@ -48,7 +43,7 @@ def issues_of(data: Any, source: str = "profiles/x.yaml") -> str:
 
 
 def test_shipped_profiles_load() -> None:
-    assert available_profiles([]) == SHIPPED
+    assert available_profiles([]) == sorted(SHIPPED + SHIPPED_OTHER)
     for name in SHIPPED:
         profile = load_profile(name)
         assert {"ack_led", "siren"} <= set(profile.outputs)

@@ -7,7 +7,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from drivers.modbus.config import ModbusDeviceConfig
-from drivers.modbus_alarm.profile import NAME_PATTERN
+from drivers.modbus.profiles import NAME_PATTERN
 from drivers.modbus_alarm.zones import ZoneType
 
 

@@ -1,29 +1,23 @@
-"""Profiles: a box's register map and zone layout as YAML data, one file per model.
+"""Alarm-box profiles: a box's register map and zone layout as YAML data, one file per model.
 
-Looked up by name (``generic-8di`` -> ``generic-8di.yaml``) in the configured
-profile directories first, then among the profiles shipped with the package
-(``config/profiles``, importable as the ``campus_gateway_profiles`` package).
+Found by name like every profile (:mod:`drivers.modbus.profiles`).
 """
 
 from __future__ import annotations
 
 import enum
-import importlib.resources
 import math
 import re
 from collections.abc import Sequence
-from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from drivers.modbus.profiles import issues, load, read_yaml
 from drivers.modbus_alarm.zones import DEFAULT_DEBOUNCE_SAMPLES, LineBand, ZoneType
 from gateway.errors import ConfigError
 
-SHIPPED_PACKAGE = "campus_gateway_profiles"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 OUTPUT_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 
 
@@ -188,76 +182,17 @@ def parse_profile(data: Any, source: str) -> Profile:
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, _issues(exc)) from exc
-    issues = semantic_issues(profile)
-    if issues:
-        raise ConfigError(source, issues)
+        raise ConfigError(source, issues(exc)) from exc
+    problems = semantic_issues(profile)
+    if problems:
+        raise ConfigError(source, problems)
     return profile
 
 
 def read_profile_text(text: str, source: str) -> Profile:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        raise ConfigError(source, [(where, f"invalid YAML: {exc.problem}")]) from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, [("", f"invalid YAML: {exc}")]) from exc
-    return parse_profile(data, source)
-
-
-def shipped_dir() -> Traversable:
-    """The profiles shipped with the package (a source checkout's config/profiles if not installed)."""
-    try:
-        return importlib.resources.files(SHIPPED_PACKAGE)
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[2] / "config" / "profiles"
-
-
-def search_path(dirs: Sequence[Path]) -> list[Traversable]:
-    return [*dirs, shipped_dir()]
-
-
-def find_profile(name: str, dirs: Sequence[Path]) -> Traversable | None:
-    """The file a profile name resolves to: the first directory that has it wins."""
-    if not re.match(NAME_PATTERN, name) or name.endswith((".yaml", ".yml")):
-        return None
-    for base in search_path(dirs):
-        candidate = base.joinpath(f"{name}.yaml")
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def available_profiles(dirs: Sequence[Path]) -> list[str]:
-    names: set[str] = set()
-    for base in search_path(dirs):
-        if base.is_dir():
-            names.update(e.name.removesuffix(".yaml") for e in base.iterdir() if e.name.endswith(".yaml"))
-    return sorted(names)
+    return parse_profile(read_yaml(text, source), source)
 
 
 def load_profile(name: str, dirs: Sequence[Path] = ()) -> Profile:
     """Find and validate a profile; ConfigError if unknown or invalid."""
-    found = find_profile(name, dirs)
-    if found is None:
-        known = ", ".join(available_profiles(dirs)) or "none"
-        raise ConfigError(f"profile {name!r}", [("", f"not found; known profiles: {known}")])
-    source = str(found)
-    try:
-        text = found.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(source, [("", f"cannot read: {exc}")]) from exc
-    return read_profile_text(text, source)
-
-
-def _issues(err: ValidationError) -> list[tuple[str, str]]:
-    issues = []
-    for e in err.errors(include_url=False):
-        path = ""
-        for part in e["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        msg = {"extra_forbidden": "unknown key", "missing": "required"}.get(e["type"], e["msg"])
-        issues.append((path, msg))
-    return issues
+    return load(name, dirs, parse_profile)
