@@ -1,4 +1,4 @@
-"""The ``campus-gateway`` command: run, check-config, demo, sim."""
+"""The ``campus-gateway`` command: run, check-config, sign-command, demo, sim."""
 
 from __future__ import annotations
 
@@ -48,6 +48,40 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_sign_command(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.commands.names import KNOWN_COMMANDS
+    from gateway.commands.signing import build_command, load_key, parse_timestamp
+    from gateway.errors import CommandError
+
+    if args.name not in KNOWN_COMMANDS:
+        print(
+            f"sign-command: unknown command {args.name!r}; known: {', '.join(sorted(KNOWN_COMMANDS))}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        cmd_args = json.loads(args.args)
+    except ValueError as exc:
+        print(f"sign-command: --args is not JSON: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not isinstance(cmd_args, dict):
+        print("sign-command: --args must be a JSON object, e.g. '{\"zone\": 3}'", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        key = load_key(Path(args.key_file))
+        now = None if args.issued_at is None else parse_timestamp(args.issued_at)
+        command = build_command(
+            key, args.name, args.target, cmd_args, command_id=args.id, ttl=args.ttl, now=now
+        )
+    except CommandError as exc:
+        print(f"sign-command: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(command, separators=(",", ":"), ensure_ascii=False))
+    return EXIT_OK
+
+
 # Subcommands whose modules (simulators, the embedded broker) load only when they are used:
 # name -> (module, function adding the subcommand to the subparsers action, help).
 _LAZY = {
@@ -70,6 +104,21 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file; exit 2 with located errors")
     check.add_argument("file")
     check.set_defaults(func=_cmd_check_config)
+
+    sign = sub.add_parser(
+        "sign-command",
+        help="print a signed platform command (JSON) for testing and integration",
+        description="Build and sign a command as a platform would; publish the output on "
+        "{prefix}/{school}/{gateway}/cmd/{name}. Exit 2 on bad input.",
+    )
+    sign.add_argument("--key-file", required=True, help="the uplink's command key file (commands.key_file)")
+    sign.add_argument("--name", required=True, help="command name, e.g. bollard.raise")
+    sign.add_argument("--target", required=True, help="target device id, e.g. bollard-gate")
+    sign.add_argument("--args", default="{}", help="arguments as a JSON object (no floats); default {}")
+    sign.add_argument("--ttl", type=float, default=30.0, help="seconds until expires_at (default 30)")
+    sign.add_argument("--id", default=None, help="command id (default: a fresh UUIDv7)")
+    sign.add_argument("--issued-at", default=None, help="RFC 3339 issue time (default: now)")
+    sign.set_defaults(func=_cmd_sign_command)
 
     for name, (module, func, help_text) in _LAZY.items():
         if name in argv:

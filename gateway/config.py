@@ -24,8 +24,10 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.commands.names import KNOWN_COMMANDS
+from gateway.commands.signing import load_key
 from gateway.driver import ID_PATTERN, DeviceConfig, DriverContext
-from gateway.errors import ConfigError
+from gateway.errors import CommandError, ConfigError
 from gateway.events import Severity
 from gateway.registry import families
 
@@ -103,6 +105,49 @@ class RouteConfig(Model):
         return v
 
 
+class CommandsConfig(Model):
+    """The commands an uplink's platform may send (docs/INTEGRATION.md, "Commands")."""
+
+    # File holding the HMAC-SHA256 key shared with the platform (>= 32 bytes after stripping
+    # whitespace). None: this uplink takes no commands and the gateway does not subscribe.
+    key_file: Path | None = None
+    allow: tuple[str, ...] = ()
+    # 40 s into the past: an MQTT hop through a backup broker after a failover, plus a few
+    # seconds of clock difference (both ends NTP-synced). Older means stale: a lockdown
+    # order from a minute ago is not acted on.
+    skew_past: float = Field(default=40.0, ge=0, le=3600)
+    # 20 s into the future: clock difference only (a command cannot arrive before it was
+    # issued), so half the past window.
+    skew_future: float = Field(default=20.0, ge=0, le=3600)
+    # 300 s longest validity: a platform may retry one command for 5 minutes; the replay
+    # cache keeps each id for its validity plus skew_past, so this bounds the cache.
+    max_ttl: float = Field(default=300.0, gt=0, le=3600)
+    # 4 KiB: a command is a few hundred bytes; anything larger is refused before parsing.
+    max_bytes: int = Field(default=4096, ge=256, le=65536)
+
+    @field_validator("allow")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if name not in KNOWN_COMMANDS:
+                raise ValueError(f"unknown command {name!r}; known: {', '.join(sorted(KNOWN_COMMANDS))}")
+        if len(set(v)) != len(v):
+            raise ValueError("a command is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _key_for_allow(self) -> CommandsConfig:
+        if self.allow and self.key_file is None:
+            raise ValueError("allow needs key_file: commands are verified with the uplink's key")
+        return self
+
+    def read_key(self) -> bytes | None:
+        """The HMAC key (stripped bytes), or None without key_file. Raises CommandError."""
+        if self.key_file is None:
+            return None
+        return load_key(self.key_file)
+
+
 class UplinkConfig(Model):
     name: str = Field(pattern=ID_PATTERN)
     endpoints: tuple[Endpoint, ...] = Field(min_length=1, description="primary first, then backups")
@@ -127,6 +172,7 @@ class UplinkConfig(Model):
     route: RouteConfig = RouteConfig()
     # Per-uplink outbox bound (rows); when full the lowest priority, oldest, non-alarm rows go.
     outbox_max_rows: int = Field(default=200_000, ge=100)
+    commands: CommandsConfig = CommandsConfig()
 
     @field_validator("endpoints", mode="before")
     @classmethod
@@ -243,6 +289,8 @@ def _resolve_paths(core: dict[str, Any], base: Path | None) -> dict[str, Any]:
                 up = _rebase(up, ("password_file",), base)
                 if isinstance(up.get("tls"), dict):
                     up["tls"] = _rebase(up["tls"], ("ca_file", "cert_file", "key_file"), base)
+                if isinstance(up.get("commands"), dict):
+                    up["commands"] = _rebase(up["commands"], ("key_file",), base)
             ups.append(up)
         out["uplinks"] = ups
     return out
@@ -296,14 +344,7 @@ def _semantic(cfg: GatewayConfig) -> list[tuple[str, str]]:
         names.setdefault(up.name, i)
         if "{region}" in up.topic_prefix and not cfg.identity.region:
             issues.append((f"uplinks[{i}].topic_prefix", "uses {region} but identity.region is not set"))
-        for field_name in ("password_file",):
-            path = getattr(up, field_name)
-            if path is not None and not path.is_file():
-                issues.append((f"uplinks[{i}].{field_name}", f"no such file: {path}"))
-        for field_name in ("ca_file", "cert_file", "key_file"):
-            path = getattr(up.tls, field_name)
-            if path is not None and not path.is_file():
-                issues.append((f"uplinks[{i}].tls.{field_name}", f"no such file: {path}"))
+        issues.extend(_uplink_files(i, up))
     index = {id(d): i for i, d in enumerate(cfg.devices)}
     by_family: dict[str, list[DeviceConfig]] = {}
     for dev in cfg.devices:
@@ -313,6 +354,29 @@ def _semantic(cfg: GatewayConfig) -> list[tuple[str, str]]:
         for j, path, message in known[name].check(devs, cfg.driver_context):
             where = f"devices[{index[id(devs[j])]}]" + (f".{path}" if path else "")
             issues.append((where, message))
+    return issues
+
+
+def _uplink_files(i: int, up: UplinkConfig) -> list[tuple[str, str]]:
+    """The files an uplink names exist; its command key is long enough."""
+    issues: list[tuple[str, str]] = []
+    for field_name in ("password_file",):
+        path = getattr(up, field_name)
+        if path is not None and not path.is_file():
+            issues.append((f"uplinks[{i}].{field_name}", f"no such file: {path}"))
+    for field_name in ("ca_file", "cert_file", "key_file"):
+        path = getattr(up.tls, field_name)
+        if path is not None and not path.is_file():
+            issues.append((f"uplinks[{i}].tls.{field_name}", f"no such file: {path}"))
+    key_file = up.commands.key_file
+    if key_file is not None:
+        if not key_file.is_file():
+            issues.append((f"uplinks[{i}].commands.key_file", f"no such file: {key_file}"))
+        else:
+            try:
+                load_key(key_file)
+            except CommandError as exc:
+                issues.append((f"uplinks[{i}].commands.key_file", str(exc)))
     return issues
 
 

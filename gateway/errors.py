@@ -72,3 +72,15 @@ class UplinkError(GatewayError):
 
 class OutboxError(GatewayError):
     """The durable outbox failed (disk full, corrupt file, unknown schema version)."""
+
+
+class CommandError(GatewayError):
+    """A platform command could not be built or signed, or the command replay cache failed
+    (disk error, a foreign or newer file). Not a refusal: refusals are values (``Refusal``)."""
+
+
+class ReplayCacheFull(CommandError):
+    """The replay cache holds its maximum of unexpired command ids. New commands are refused
+    until entries expire, rather than forget an id that could then be replayed."""
+
+    transient = True

@@ -87,6 +87,24 @@ BROKEN = [
         0.001,
         "devices[0].poll_interval: Input should be greater than or equal to 0.05",
     ),
+    (
+        "uplinks[0].commands",
+        {"allow": ["bollard.raise"]},
+        "uplinks[0].commands: Value error, allow needs key_file",
+    ),
+    (
+        "uplinks[0].commands",
+        {"allow": ["bollard.fly"]},
+        "uplinks[0].commands.allow: Value error, unknown command 'bollard.fly'; known: alarm.ack, alarm.",
+    ),
+    ("uplinks[0].commands", {"key_file": "nope.key"}, "uplinks[0].commands.key_file: no such file"),
+    (
+        "uplinks[0].commands",
+        {"skew_past": -1},
+        "uplinks[0].commands.skew_past: Input should be greater than or equal to 0",
+    ),
+    ("uplinks[0].commands", {"max_bytes": 100}, "uplinks[0].commands.max_bytes: Input should be greater"),
+    ("uplinks[0].commands", {"secret": "x"}, "uplinks[0].commands.secret: unknown key"),
 ]
 
 
@@ -153,3 +171,39 @@ def test_cli_exit_code_2_in_a_subprocess(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert f"{file}: identity.gateway: required" in proc.stderr
     assert f"{file}: uplinks: required" in proc.stderr
+
+
+def test_short_command_key_is_a_located_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "police.key").write_text("  short-key \n")
+    file = tmp_path / "gw.yaml"
+    file.write_text(yaml.safe_dump(_mutate("uplinks[0].commands", {"key_file": "police.key"})))
+    assert main(["check-config", str(file)]) == 2
+    err = capsys.readouterr().err
+    expected = (
+        f"{file}: uplinks[0].commands.key_file: {tmp_path / 'police.key'}: the command key is 9 bytes "
+        "after stripping whitespace; at least 32 are needed"
+    )
+    assert expected in err, err
+
+
+def test_example_police_commands_with_a_key(tmp_path: Path) -> None:
+    """The police block the example's comments describe is valid once its key file exists."""
+    key = tmp_path / "police-commands.key"
+    key.write_text("0123456789abcdef" * 4 + "\n")
+    data = yaml.safe_load(EXAMPLE.read_text())
+    assert data["uplinks"][0]["commands"]["key_file"] is None  # the example ships without a key
+    data["uplinks"][0]["commands"]["key_file"] = str(key)
+    data["uplinks"][0]["commands"]["allow"] = [
+        "bollard.raise",
+        "bollard.emergency_raise",
+        "bollard.lower",
+        "alarm.reset",
+        "alarm.ack",
+    ]
+    cfg = config.parse(data, str(EXAMPLE), base_dir=EXAMPLE.parent)
+    police, education = cfg.uplinks
+    assert police.commands.read_key() == b"0123456789abcdef" * 4
+    assert "bollard.emergency_raise" in police.commands.allow
+    assert (police.commands.skew_past, police.commands.skew_future, police.commands.max_ttl) == (40, 20, 300)
+    assert education.commands.key_file is None
+    assert education.commands.allow == ()
