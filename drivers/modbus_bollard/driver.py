@@ -211,6 +211,9 @@ class BollardDriver(Driver):
                     return Outcome(Verdict.DONE, None, f"{target.value} in {elapsed:.1f} s", fresh.data())
                 ended = await self._ended(action, fresh)
                 if ended is not None:
+                    if ended.reason == "interlock" and not self._interlock:
+                        # reversed and back down between two reads: no event from the poll
+                        await self._interlocked(sink, fresh, action, "reversed")
                     return ended
                 started = started or fresh.state in _MOVING[action]
             if not started and elapsed >= START_WITHIN:
@@ -225,7 +228,10 @@ class BollardDriver(Driver):
             return Outcome(Verdict.FAILED, "fault", f"fault {r.fault}: {r.fault_text}", r.data())
         if r.mode is Mode.LOCAL or r.state is BollardState.MANUAL:
             return Outcome(Verdict.FAILED, "local_mode", "switched to local/manual mode", r.data())
-        if action is not Action.LOWER and r.state is BollardState.LOWERING:
+        # Presence turns a rise back: seen lowering, or already back down if the rise had
+        # barely started (lowering from a few % is over before the next read).
+        back = r.state is BollardState.LOWERING or (r.occupied and r.state is BollardState.LOWERED)
+        if action is not Action.LOWER and back:
             reason = "interlock" if r.occupied else "reversed"
             return Outcome(Verdict.FAILED, reason, "the controller reversed the rise", r.data())
         return None
