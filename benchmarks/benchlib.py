@@ -276,7 +276,9 @@ class PySpy:
         import shutil
         import subprocess
 
-        exe = shutil.which("py-spy")
+        # A venv's python run without activating the venv: py-spy sits next to it, off PATH.
+        beside = Path(sys.executable).parent / "py-spy"
+        exe = shutil.which("py-spy") or (str(beside) if beside.exists() else None)
         if exe is None:
             self.summary = "py-spy not installed (pip install py-spy)"
             return self

@@ -22,8 +22,9 @@ from typing import Any
 import structlog
 
 from gateway import __version__
+from gateway.commands.service import CommandService
 from gateway.config import GatewayConfig
-from gateway.driver import Driver, DriverFamily, LinkState
+from gateway.driver import Driver, DriverFamily, LinkState, Outcome, Verdict
 from gateway.events import DeviceKind, DeviceRef, Event, Identity, Observation, Severity
 from gateway.outbox import Outbox
 from gateway.registry import families
@@ -112,6 +113,9 @@ class Gateway:
             self.pipeline = Pipeline(outbox, Router.from_uplinks(cfg.uplinks))
             for fam in await self._enter_families(stack):
                 self.drivers.extend(fam.drivers)
+            commands = await stack.enter_async_context(
+                CommandService(cfg, self.drivers, self.pipeline, self.ref, self.self_test)
+            )
             self.uplinks = [
                 Uplink(
                     u,
@@ -121,6 +125,7 @@ class Gateway:
                     birth=self.birth,
                     heartbeat=self.health,
                     heartbeat_interval=cfg.heartbeat_interval,
+                    commands=commands.submit if u.name in commands.uplinks else None,
                 )
                 for u in cfg.uplinks
             ]
@@ -186,6 +191,18 @@ class Gateway:
             "region": self.identity.region,
             "devices": [d.device.as_dict() for d in self.drivers],
         }
+
+    async def self_test(self) -> Outcome:
+        """gateway.self_test: every device answering, every uplink connected, the outbox drained."""
+        health = self.health()
+        offline = sorted(d.device.id for d in self.drivers if d.status.state is not LinkState.ONLINE)
+        down = sorted(u.name for u in self.uplinks if u.state.value != "connected")
+        problems = [f"devices not answering: {', '.join(offline)}"] if offline else []
+        problems += [f"uplinks not connected: {', '.join(down)}"] if down else []
+        verdict = Verdict.FAILED if problems else Verdict.DONE
+        fine = f"{len(self.drivers)} devices answering, {len(self.uplinks)} uplinks up"
+        detail = "; ".join(problems) or fine
+        return Outcome(verdict, "degraded" if problems else None, detail, health)
 
     def health(self) -> dict[str, Any]:
         states = Counter(d.status.state.value for d in self.drivers)

@@ -1,10 +1,12 @@
 """``campus-gateway demo``: the whole system on one machine, nothing to set up.
 
 An embedded MQTT broker (amqtt) on a free loopback port (or ``--broker URL``), a
-simulated school of alarm boxes, the gateway with two uplinks (police and
-education) and a live view of what each platform receives. A scripted scenario
-presses buttons, resets latches, opens a box's lid and cuts a line, so something
-happens without input.
+simulated school (alarm boxes, and two anti-ram bollards at the main gate), the
+gateway with two uplinks (police and education) and a live view of what each
+platform receives. A scripted scenario presses buttons, has the police center
+acknowledge the alarm and lock the gate down with signed commands, resets latches,
+shows the bollard interlock refusing a raise over a waiting car, opens a box's lid
+and silences a box, so something happens without input.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import secrets
 import socket
 import tempfile
 import time
@@ -25,9 +28,12 @@ from urllib.parse import urlsplit
 from gateway import config as config_mod
 from gateway import logs
 from gateway.app import Gateway
+from gateway.commands import KNOWN_COMMANDS
+from gateway.commands.signing import build_command
 from gateway.mqtt import MqttConnection
 
 REGION = "530102"
+GATE_UNITS = (1, 2)
 SCHOOL = "demo-school"
 GATEWAY = "gw-demo"
 
@@ -80,14 +86,35 @@ async def embedded_broker() -> AsyncIterator[tuple[str, int]]:
         await broker.shutdown()
 
 
-def school_config(host: str, port: int, boxes: list[tuple[str, int, str]], state_dir: Path) -> dict[str, Any]:
+def school_config(
+    host: str, port: int, boxes: list[tuple[str, int, str]], gate_port: int, state_dir: Path
+) -> dict[str, Any]:
+    bollards = [
+        {
+            "id": f"bollard-{u}",
+            "driver": "modbus_bollard",
+            "name": f"Main gate bollard {u}",
+            "location": "Main gate",
+            "host": "127.0.0.1",
+            "port": gate_port,
+            "unit": u,
+            "gate": "main",
+            "poll_interval": 0.2,
+        }
+        for u in GATE_UNITS
+    ]
     return {
         "identity": {"school": SCHOOL, "gateway": GATEWAY, "region": REGION},
         "state_dir": str(state_dir),
         "heartbeat_interval": 10,
         "api": {"socket": None},
         "uplinks": [
-            {"name": "police", "endpoints": [f"mqtt://{host}:{port}"], "topic_prefix": "campus/{region}"},
+            {
+                "name": "police",
+                "endpoints": [f"mqtt://{host}:{port}"],
+                "topic_prefix": "campus/{region}",
+                "commands": {"key_file": str(state_dir / "police.key"), "allow": sorted(KNOWN_COMMANDS)},
+            },
             {
                 "name": "education",
                 "endpoints": [f"mqtt://{host}:{port}"],
@@ -108,7 +135,8 @@ def school_config(host: str, port: int, boxes: list[tuple[str, int, str]], state
                 "zones": {1: {"type": "intrusion", "name": "Perimeter beam"}},
             }
             for box_id, box_port, name in boxes
-        ],
+        ]
+        + bollards,
     }
 
 
@@ -117,18 +145,36 @@ PLACES = ["Main gate guard room", "Kindergarten block", "Dormitory A", "Playgrou
 
 def _line(platform: str, topic: str, payload: bytes) -> str:
     stamp = time.strftime("%H:%M:%S")
+    head = f"{stamp}  {platform:<9}"
+    if "/cmd-result/" in topic:
+        body = json.loads(payload)
+        why = f" ({body['reason']}: {body['detail']})" if body.get("reason") else ""
+        return f"{head} {'reply ' + str(body['name']):<22} {body['status']}{why}"
+    if "/cmd/" in topic:
+        body = json.loads(payload)
+        return f"{head} {'command ' + body['name']:<22} -> {body['target']} (signed)"
     if "/events/" not in topic:
         kind = topic.rsplit("/", 1)[-1]
-        return f"{stamp}  {platform:<9} {kind:<22} {payload[:60].decode(errors='replace')}"
+        return f"{head} {kind:<22} {payload[:60].decode(errors='replace')}"
     body = json.loads(payload)
     data = body.get("data", {})
+    what = _what(body["type"], data)
+    return (
+        f"{head} {body['type']:<22} {body.get('state', ''):<8} {body['severity']:<8} "
+        f"{body['device']['id']}{what}  seq {body['seq']}"
+    )
+
+
+def _what(event_type: str, data: dict[str, Any]) -> str:
+    if event_type == "bollard.state":
+        return f" {data['state']}"
+    if event_type in ("bollard.fault", "bollard.interlock"):
+        return f" {data.get('text') or data.get('how') or ''}"
+    if event_type == "command.result":
+        return f" {data['name']} -> {data['target']}: {data['status']}"
     zone = f" zone {data['zone']} {data.get('zone_name', '')}" if "zone" in data else ""
     cid = f" CID {data['contact_id']}" if "contact_id" in data else ""
-    state = body.get("state", "")
-    return (
-        f"{stamp}  {platform:<9} {body['type']:<22} {state:<8} {body['severity']:<8} "
-        f"{body['device']['id']}{zone}{cid}  seq {body['seq']}"
-    )
+    return zone + cid
 
 
 async def platform_view(host: str, port: int, platform: str, topic: str, out: Callable[[str], None]) -> None:
@@ -151,13 +197,29 @@ async def platform_view(host: str, port: int, platform: str, topic: str, out: Ca
         await conn.wait_closed()
 
 
-async def scenario(sims: list[Any], out: Callable[[str], None]) -> None:
+async def scenario(
+    sims: list[Any], gate: Any, police: Callable[[str, str], Any], out: Callable[[str], None]
+) -> None:
     """A loop of things that happen at a school, a few seconds apart."""
     steps: list[tuple[float, str, Callable[[], Any]]] = [
         (2.0, "Panic button pressed at the main gate", lambda: sims[0].press(0)),
-        (1.0, "Button released (the panic alarm stays latched)", lambda: sims[0].release(0)),
-        (4.0, "Guard resets the box with the key switch", lambda: sims[0].press(7)),
+        (
+            1.0,
+            "Police center acknowledges (alarm.ack: the box's LED lights)",
+            lambda: police("alarm.ack", "box-1"),
+        ),
+        (
+            1.0,
+            "Police center locks the gate down (emergency raise, signed)",
+            lambda: police("bollard.emergency_raise", "gate:main"),
+        ),
+        (2.0, "Button released (the panic alarm stays latched)", lambda: sims[0].release(0)),
+        (3.0, "Guard resets the box with the key switch", lambda: sims[0].press(7)),
         (0.5, "", lambda: sims[0].release(7)),
+        (1.0, "Police center lowers the bollards", lambda: police("bollard.lower", "gate:main")),
+        (4.0, "A car waits on the loop of bollard 1", lambda: gate.set_loop(True, unit=1)),
+        (1.0, "Police center tries to raise bollard 1", lambda: police("bollard.raise", "bollard-1")),
+        (2.0, "The car drives off", lambda: gate.set_loop(False, unit=1)),
         (3.0, "Someone opens the lid of a box (tamper)", lambda: sims[1 % len(sims)].tamper(True)),
         (3.0, "Lid closed", lambda: sims[1 % len(sims)].tamper(False)),
         (3.0, "Intrusion zone at the playground", lambda: sims[-1].press(1)),
@@ -177,6 +239,7 @@ async def scenario(sims: list[Any], out: Callable[[str], None]) -> None:
 
 async def run_demo(duration: float, broker: str, boxes: int, state_dir: str) -> None:
     from simulators.alarm_box import AlarmBoxSimulator
+    from simulators.bollard import BollardSimulator
 
     out = print
     async with AsyncExitStack() as stack:
@@ -195,8 +258,31 @@ async def run_demo(duration: float, broker: str, boxes: int, state_dir: str) -> 
             sim = await stack.enter_async_context(AlarmBoxSimulator(port=0, inputs=8))
             sims.append(sim)
             specs.append((f"box-{i + 1}", sim.port, PLACES[i % len(PLACES)]))
-        cfg = config_mod.parse(school_config(host, port, specs, Path(tmp)), "demo")
-        out(f"campus-gateway demo: broker mqtt://{host}:{port}, {len(sims)} alarm boxes")
+        gate = await stack.enter_async_context(BollardSimulator(units=GATE_UNITS))
+        key = secrets.token_hex(32).encode()
+        (Path(tmp) / "police.key").write_bytes(key)
+        cfg = config_mod.parse(school_config(host, port, specs, gate.port, Path(tmp)), "demo")
+        commander = await stack.enter_async_context(
+            MqttConnection(
+                name="demo-police-commands",
+                host=host,
+                port=port,
+                client_id="demo-police-commands",
+                keepalive=10,
+                connect_timeout=5,
+                max_inflight=10,
+            )
+        )
+        base = f"campus/{REGION}/{SCHOOL}/{GATEWAY}"
+
+        async def police(name: str, target: str) -> None:
+            payload = json.dumps(build_command(key, name, target)).encode()
+            await commander.publish(f"{base}/cmd/{name}", payload)
+
+        out(
+            f"campus-gateway demo: broker mqtt://{host}:{port}, {len(sims)} alarm boxes, "
+            f"{len(GATE_UNITS)} bollards at the main gate"
+        )
         out("  police    subscribes campus/530102/#   (everything)")
         out("  education subscribes edu/530102/#      (alarms, device and gateway events, minor and up)")
         out(f"  gateway log: {log_path}")
@@ -213,7 +299,7 @@ async def run_demo(duration: float, broker: str, boxes: int, state_dir: str) -> 
             ]
             gw_task = tg.create_task(gw.run(), name="gateway")
             await gw.ready.wait()
-            script = tg.create_task(scenario(sims, out), name="scenario")
+            script = tg.create_task(scenario(sims, gate, police, out), name="scenario")
             try:
                 if duration > 0:
                     await asyncio.sleep(duration)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import json
 import ssl
 import time
@@ -95,6 +96,13 @@ def _consume(fut: asyncio.Future[None]) -> None:
         fut.exception()
 
 
+CommandSink = Callable[[str, str, bytes, Callable[[str, bytes], None]], None]
+"""(uplink name, command topic level, payload, reply(level, payload)): the command service."""
+# Replies kept while the uplink is down: a platform sends a handful of commands a day; a
+# thousand is far beyond any real backlog and bounds memory if one floods while offline.
+MAX_QUEUED_REPLIES = 1000
+
+
 class Uplink:
     """Delivers one outbox stream to one platform. ``run`` until cancelled or :meth:`stop`."""
 
@@ -108,6 +116,7 @@ class Uplink:
         birth: Callable[[], Mapping[str, Any]],
         heartbeat: Callable[[], Mapping[str, Any]],
         heartbeat_interval: float,
+        commands: CommandSink | None = None,
     ) -> None:
         self.cfg = cfg
         self.name = cfg.name
@@ -118,11 +127,20 @@ class Uplink:
         self._birth = birth
         self._heartbeat = heartbeat
         self._heartbeat_interval = heartbeat_interval
+        self._commands = commands
+        self._conn: MqttConnection | None = None  # the connection of the session in progress
+        # Command replies not yet handed to a connection (published at the next session).
+        self._replies: deque[tuple[str, bytes]] = deque(maxlen=MAX_QUEUED_REPLIES)
         self.state = UplinkState.IDLE
         self.endpoint: Endpoint | None = None
         self.stats = UplinkStats()
         self._stopping = asyncio.Event()
-        self._progress = asyncio.Event()
+        # The delivery loop sleeps on one future of its own; whatever it waits for (a PUBACK,
+        # a commit, the connection's end, stop()) resolves it through _poke. _progress says
+        # a publish finished since the loop last looked (a poke while it was not waiting).
+        self._waiter: asyncio.Future[None] | None = None
+        self._progress = False
+        self._topics: dict[str, str] = {}  # event type -> topic (a handful of types)
         self._limiter = RateLimited()
         self._trouble_active = False
         self._log = log.bind(uplink=cfg.name)
@@ -138,6 +156,7 @@ class Uplink:
     def stop(self) -> None:
         """Ask for a clean stop: finish in-flight publishes (bounded), publish offline, disconnect."""
         self._stopping.set()
+        self._poke()
 
     async def run(self) -> None:
         backoff = Backoff(initial=self.cfg.reconnect_initial, cap=self.cfg.reconnect_max)
@@ -179,6 +198,7 @@ class Uplink:
             username=self.cfg.username,
             password=self._password.get_secret_value() if self._password else None,
             will=will,
+            on_message=self._on_message if self._commands is not None else None,
         )
         established = False
         try:
@@ -210,12 +230,17 @@ class Uplink:
     # -- the session ---------------------------------------------------------------------------
 
     async def _session(self, conn: MqttConnection) -> None:
+        if self._commands is not None:  # before "online": a platform that sees it can command
+            await conn.subscribe(f"{self.base}/cmd/+", qos=1)
         await conn.publish(f"{self.base}/status", self._status_payload("online"), qos=1, retain=True)
+        self._conn = conn
+        self._flush_replies()
         # Not a TaskGroup: the delivery loop's own errors must surface as themselves, not wrapped.
         beat = asyncio.create_task(self._heartbeat_loop(conn), name=f"uplink:{self.name}:heartbeat")
         try:
             await self._deliver(conn)
         finally:
+            self._conn = None
             await cancel_and_wait(beat)
         if self._stopping.is_set() and conn.connected:
             with contextlib.suppress(UplinkError, TimeoutError):
@@ -231,6 +256,8 @@ class Uplink:
         last_read = 0
         stop_deadline: float | None = None
         closed = asyncio.ensure_future(conn.wait_closed())
+        closed.add_done_callback(self._poke)
+        self.outbox.set_wake_callback(self.name, self._poke)
         try:
             while True:
                 # Collect before filling: acknowledged rows free the window, and the fill must
@@ -248,6 +275,7 @@ class Uplink:
                     raise UplinkError(self.name, conn.close_reason or "connection lost")
                 await self._wait_progress(wakeup, closed, pending, stop_deadline)
         finally:
+            self.outbox.set_wake_callback(self.name, None)
             await cancel_and_wait(closed)
             for _, fut, _ in pending.values():
                 fut.cancel()
@@ -270,14 +298,23 @@ class Uplink:
                 buffer.extend(rows)
                 last_read = rows[-1].rowid
             row = buffer.popleft()
-            fut = conn.publish(f"{self.base}/events/{row.type.replace('.', '/')}", row.payload, qos=1)
+            topic = self._topics.get(row.type)
+            if topic is None:
+                topic = self._topics[row.type] = f"{self.base}/events/{row.type.replace('.', '/')}"
+            fut = conn.publish(topic, row.payload, qos=1)
             fut.add_done_callback(self._on_done)
             pending[row.rowid] = (row, fut, time.monotonic())
             self.stats.published += 1
         return last_read
 
     def _on_done(self, _fut: asyncio.Future[None]) -> None:
-        self._progress.set()
+        self._progress = True
+        self._poke()
+
+    def _poke(self, _fut: object = None) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _collect(self, pending: dict[int, tuple[Row, asyncio.Future[None], float]]) -> None:
         """Advance the cursor over the acknowledged prefix (dict order is publish order)."""
@@ -335,21 +372,23 @@ class Uplink:
         pending: dict[int, tuple[Row, asyncio.Future[None], float]],
         stop_deadline: float | None,
     ) -> None:
-        self._progress.clear()
-        if any(fut.done() for _, fut, _ in pending.values()):
+        stopping = stop_deadline is not None  # draining for a stop: no new rows, only PUBACKs
+        if self._progress or closed.done() or (not stopping and self._stopping.is_set()):
+            self._progress = False
             return
-        waits: list[asyncio.Future[Any]] = [
-            asyncio.ensure_future(self._progress.wait()),
-            asyncio.ensure_future(self._stopping.wait()),
-        ]
-        if len(pending) < self.cfg.inflight:
-            waits.append(asyncio.ensure_future(wakeup.wait()))
+        if not stopping and len(pending) < self.cfg.inflight and wakeup.is_set():
+            return  # a commit since the last read, and room in the window
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
         timeout = self._next_deadline(pending, stop_deadline)
+        timer = None if timeout is None else loop.call_later(timeout, self._poke)
         try:
-            await asyncio.wait([*waits, closed], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await waiter
         finally:
-            for w in waits:
-                w.cancel()
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+            self._progress = False
 
     def _next_deadline(
         self, pending: dict[int, tuple[Row, asyncio.Future[None], float]], stop_deadline: float | None
@@ -365,6 +404,34 @@ class Uplink:
         return max(0.0, min(deadlines) - now) + 0.001 if deadlines else None
 
     # -- status, heartbeat, trouble -------------------------------------------------------------
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes, _retain: bool) -> None:
+        prefix = f"{self.base}/cmd/"
+        if self._commands is None or not topic.startswith(prefix):
+            return
+        self._commands(self.name, topic[len(prefix) :], payload, self.publish_reply)
+
+    def publish_reply(self, level: str, payload: bytes) -> None:
+        """Publish a command reply on ``cmd-result/{level}`` (QoS 1); queued while disconnected."""
+        self._replies.append((f"{self.base}/cmd-result/{level}", payload))
+        self._flush_replies()
+
+    def _flush_replies(self) -> None:
+        conn = self._conn
+        while self._replies and conn is not None and conn.connected:
+            topic, payload = self._replies[0]
+            try:
+                fut = conn.publish(topic, payload, qos=1)
+            except UplinkError:
+                return  # the connection is going; the next session publishes it
+            self._replies.popleft()
+            fut.add_done_callback(functools.partial(self._reply_sent, topic, payload))
+
+    def _reply_sent(self, topic: str, payload: bytes, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:  # the connection died before PUBACK
+            self._replies.append((topic, payload))
 
     def _status_payload(self, state: str) -> bytes:
         body: dict[str, Any] = {

@@ -255,7 +255,9 @@ async def test_frozen_broker_then_killed_and_restarted_loses_nothing(
             print("arrivals", arrivals)
             print(daemon.log_tail(60))
         seqs = first_seen_seqs(events_of(p_sub.messages))
-        assert seqs == list(range(1, last_seq + 1))
+        # Every seq committed by then, in order, no gaps; later events (the trouble's end) may follow.
+        assert seqs == list(range(1, max(seqs) + 1))
+        assert max(seqs) >= last_seq
         # The burst kept producing alarms while the broker was frozen; every one of them arrived.
         intrusions = {e["id"] for e in events_of(p_sub.messages) if e["type"] == "alarm.intrusion"}
         assert len(intrusions) >= flips // 2, (len(intrusions), flips)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from gateway.errors import UplinkError
-from gateway.mqtt import MqttConnection, Will
+from gateway.mqtt import MqttConnection, Will, _PahoClient, _TrackedSocket
 from tests.support.broker import Mosquitto, free_port
 from tests.support.subscriber import Received, Subscriber
 
@@ -226,6 +226,59 @@ async def test_thousand_publishes_window_32_arrive_in_order(broker: Mosquitto) -
             assert conn.inflight == 0
         await eventually(lambda: len(sub.messages) >= n, what=f"{n} messages at the subscriber")
     assert [int(m.payload) for m in sub.messages] == list(range(n))
+
+
+def test_socket_reads_ahead_and_counts_what_it_holds() -> None:
+    """paho reads a packet in 1-byte and body-sized pieces; they come from one recv()."""
+    import socket
+
+    a, b = socket.socketpair()
+    with a, b:
+        tracked = _TrackedSocket(a)
+        a.setblocking(False)
+        pubacks = b"\x40\x02\x00\x01" + b"\x40\x02\x01\x02"
+        b.sendall(pubacks)
+        assert tracked.recv(1) == b"\x40"
+        assert tracked.pending() == 7  # the rest is buffered, where the selector cannot see it
+        assert tracked.recv(1) == b"\x02"
+        assert tracked.recv(2) == b"\x00\x01"
+        assert tracked.recv(100) == b"\x40\x02\x01\x02"  # never more than buffered
+        assert tracked.pending() == 0
+        with pytest.raises(BlockingIOError):
+            tracked.recv(1)
+        b.sendall(b"\xd0\x00")
+        b.shutdown(socket.SHUT_WR)
+        assert tracked.recv(1) == b"\xd0"
+        assert not tracked.eof
+        assert tracked.recv(1) == b"\x00"  # buffered bytes first, then the end
+        assert tracked.recv(1) == b""
+        assert tracked.eof
+        assert tracked.describe() == "the broker closed the connection"
+
+
+async def test_puback_fast_path_skips_paho_decoding(
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import paho.mqtt._packet as packet
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("paho decoded a PUBACK")
+
+    monkeypatch.setattr(packet, "decode_puback", refuse)
+    async with make(broker.port, max_inflight=2) as conn:
+        futs = [conn.publish("fast/x", b"%d" % i) for i in range(10)]  # 8 wait in paho's queue
+        await asyncio.wait_for(asyncio.gather(*futs), QUICK)
+        assert conn.inflight == 0
+
+
+def test_malformed_puback_takes_paho_path() -> None:
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.exception import MalformedPacket
+
+    client = _PahoClient(CallbackAPIVersion.VERSION2)
+    client._in_packet["packet"] = b"\x00\x01\x00"  # 3 bytes: not a 3.1.1 PUBACK
+    with pytest.raises(MalformedPacket):
+        client._handle_pubackcomp("PUBACK")
 
 
 async def test_publish_when_not_connected_raises(broker: Mosquitto) -> None:

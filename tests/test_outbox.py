@@ -303,6 +303,82 @@ async def test_wakeup_is_set_by_commits_of_its_uplink(tmp_path: Path) -> None:
         assert outbox.wakeup("a").is_set()
 
 
+async def test_wake_callback_is_called_on_commits_of_its_uplink(tmp_path: Path) -> None:
+    async with open_outbox(tmp_path / "outbox.db") as outbox:
+        calls: list[str] = []
+        outbox.set_wake_callback("a", lambda: calls.append("a"))
+        await outbox.append(obs(), ["b"])
+        assert calls == []
+        await outbox.append(obs(), ["a", "b"])
+        assert calls == ["a"]
+        outbox.set_wake_callback("a", None)
+        await outbox.append(obs(), ["a"])
+        assert calls == ["a"]
+
+
+def count_sqlite_reads(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Calls of the reader thread's SELECT path (reads not served from memory)."""
+    calls: list[int] = []
+    real = outbox._read_rows
+
+    def counting(*args: object) -> list[Row]:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(outbox, "_read_rows", counting)
+    return calls
+
+
+async def test_fresh_rows_are_read_from_memory_and_a_backlog_from_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "outbox.db"
+    monkeypatch.setattr("gateway.outbox.FRESH_MAX_ROWS", 4)  # memory keeps the newest 4 rows
+    async with open_outbox(path) as outbox:
+        sqlite_reads = count_sqlite_reads(outbox, monkeypatch)
+        first = [await outbox.append(obs(n=i), ["a", "b"]) for i in range(3)]
+        rows = await outbox.read("a", 0, 100)
+        assert [r.event_id for r in rows] == [e.id for e in first]
+        assert sqlite_reads == []  # all 3 were in memory
+        more = [await outbox.append(obs(n=i), ["a"]) for i in range(3, 10)]
+        events = first + more
+        # 10 rows, memory holds the last 4: rows 1..6 come from SQLite, in order
+        rows = await outbox.read("a", 0, 100)
+        assert sqlite_reads == [1]
+        assert [(r.event_id, r.seq, r.payload) for r in rows] == [(e.id, e.seq, e.payload) for e in events]
+        # from a mark inside the rows kept in memory: memory again, the same rows as SQLite gives
+        tail = await outbox.read("a", rows[5].rowid, 100)
+        assert sqlite_reads == [1]
+        assert tail == rows[6:]
+        # acked rows are never handed out, whatever the mark, and acks trim memory
+        outbox.ack("a", rows[7].rowid)
+        assert await outbox.read("a", 0, 100) == rows[8:]
+        assert sqlite_reads == [1]
+        assert [r.event_id for r in await outbox.read("b", 0, 100)] == [e.id for e in first]
+    async with open_outbox(path) as outbox:  # after reopening, what is on disk comes from SQLite
+        sqlite_reads = count_sqlite_reads(outbox, monkeypatch)
+        assert [r.event_id for r in await outbox.read("a", 0, 100)] == [e.id for e in events[8:]]
+        assert sqlite_reads == [1]
+        late = await outbox.append(obs(n=10), ["a"])
+        assert [r.event_id for r in await outbox.read("a", rows[-1].rowid, 100)] == [late.id]
+        assert sqlite_reads == [1]
+
+
+async def test_memory_reads_are_bounded_by_payload_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.outbox.FRESH_MAX_BYTES", 3000)
+    async with open_outbox(tmp_path / "outbox.db") as outbox:
+        sqlite_reads = count_sqlite_reads(outbox, monkeypatch)
+        events = [await outbox.append(obs(blob="x" * 1000), ["a"]) for _ in range(5)]
+        lane = outbox._lanes["a"]
+        assert 0 < lane.fresh_bytes <= 3000
+        assert len(lane.fresh) == 2
+        rows = await outbox.read("a", 0, 100)
+        assert [r.event_id for r in rows] == [e.id for e in events]
+        assert sqlite_reads == [1]
+
+
 async def test_oldest_age(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     async with open_outbox(path) as outbox:
@@ -391,8 +467,12 @@ async def test_shedding_spares_rows_in_flight(tmp_path: Path) -> None:
         stored = [seq for _, seq, _ in db_rows(tmp_path / "o.db", "a")]
         assert stored == [infos[0].seq, infos[1].seq, infos[3].seq, 5]
         assert shed.calls == [("a", 1, {"gateway.heartbeat": 1})]
+        # what read() hands out next (from memory) matches what is stored: the shed row is gone
+        rest = await outbox.read("a", in_flight[-1].rowid, 10)
+        assert [r.seq for r in rest] == [infos[3].seq, 5]
         outbox.ack("a", in_flight[-1].rowid)
         assert outbox.depth("a") == 2
+        assert [r.seq for r in await outbox.read("a", 0, 10)] == [infos[3].seq, 5]
 
 
 async def test_bound_is_exceeded_rather_than_lose_an_alarm_and_logged_once(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -48,8 +49,10 @@ def result_payload(
     reason: str | None = None,
     detail: str = "",
     at: datetime | None = None,
+    results: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """The reply's JSON bytes (compact, UTF-8). ``at`` defaults to now."""
+    """The reply's JSON bytes (compact, UTF-8). ``at`` defaults to now. ``results``: per
+    target device, its own status, reason, detail and final state (final replies only)."""
     body: dict[str, Any] = {
         "id": command_id,
         "name": name,
@@ -58,6 +61,8 @@ def result_payload(
         "detail": detail,
         "at": format_timestamp(datetime.now(UTC) if at is None else at),
     }
+    if results:
+        body["results"] = dict(results)
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
