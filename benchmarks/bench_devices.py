@@ -180,7 +180,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         )
         devices = devices_config(farm, args.devices, args.poll)
         uplink = {"name": "police", "endpoints": [broker.url], "topic_prefix": "campus/{region}"}
-        daemon = Daemon(tmp / "daemon", base_config(tmp / "state", [uplink], devices))
+        daemon = Daemon(tmp / "daemon", base_config(tmp / "state", [uplink], devices), loop=args.loop)
         started = time.monotonic()
         daemon.start()
         assert daemon.proc is not None
@@ -210,6 +210,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     expected = args.devices / args.poll
     return {
         "layout": args.layout,
+        "loop": args.loop,
         "devices": args.devices,
         "links": links,
         "units_per_link": per_link,
@@ -248,6 +249,9 @@ def main() -> None:
     ap.add_argument("--poll", type=float, default=0.1, help="poll interval of every box (s)")
     ap.add_argument("--warmup", type=float, default=None, help="seconds after READY (default 10)")
     ap.add_argument("--window", type=float, default=None, help="measured seconds (default 25)")
+    ap.add_argument(
+        "--loop", default="auto", choices=["auto", "uvloop", "asyncio"], help="the daemon's event loop"
+    )
     ap.add_argument("--profile", type=float, default=0, help="then py-spy the daemon this many seconds")
     ap.add_argument("--profile-out", type=Path, default=None, help="keep py-spy's collapsed stacks here")
     args = ap.parse_args()
@@ -264,7 +268,7 @@ def main() -> None:
     print(
         f"{res['devices']} alarm boxes ({res['links']} link(s) x {res['units_per_link']} unit id(s)), "
         f"poll {res['poll_interval_s'] * 1e3:.0f} ms; {res['window_s']} s window "
-        f"after {args.warmup:.0f} s warm-up"
+        f"after {args.warmup:.0f} s warm-up; daemon loop: {args.loop} (auto: uvloop if installed)"
     )
     print(
         benchlib.table(

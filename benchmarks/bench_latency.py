@@ -22,9 +22,10 @@ ms resolution) and the pipeline (arrival - ``occurred_at``: outbox commit with f
 uplink, broker, subscriber).
 
 Theoretical floor of detection with debounce N samples at poll interval T: the flip waits
-U(0, T) for the next poll, then N - 1 more polls confirm it: p50 (N - 0.5) T, p99 about
-(N - 0.01) T. The generic-8di profile debounces 2 samples, so at T = 100 ms its p50 floor
-is 150 ms; each ``--debounce`` value is measured as its own daemon run.
+U(0, T) for the next poll, then N - 1 confirming reads follow, each 5 ms after the last
+(``CONFIRM_DELAY``; not a whole poll interval): p50 0.5 T + (N - 1) x 5 ms, p99 about
+0.99 T + (N - 1) x 5 ms. The generic-8di profile debounces 2 samples, so at T = 100 ms
+its floor is 55 ms p50, 104 ms p99; each ``--debounce`` value is its own daemon run.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Any
 
 import benchlib  # also puts the repository root on sys.path
 
+from drivers.modbus_alarm.driver import CONFIRM_DELAY
 from simulators.alarm_box import AlarmBoxSimulator
 from tests.support.broker import Mosquitto
 from tests.support.daemon import Daemon, base_config
@@ -149,8 +151,9 @@ async def run_config(
     detect = [(parse_time(b["occurred_at"]) - f.at) * 1e3 for f, m, b in pairs if m is not None]
     pipeline = [(m.at - parse_time(b["occurred_at"])) * 1e3 for f, m, b in pairs if m is not None]
     samples = 2 if debounce == "profile" else int(debounce)
-    floor_p50 = (samples - 0.5) * args.poll * 1e3
-    floor_p99 = (samples - 0.01) * args.poll * 1e3
+    confirms = (samples - 1) * CONFIRM_DELAY
+    floor_p50 = (0.5 * args.poll + confirms) * 1e3
+    floor_p99 = (0.99 * args.poll + confirms) * 1e3
     lost = sum(1 for _, m, _ in pairs if m is None)
     if not total:
         raise RuntimeError(f"debounce {debounce}: no event arrived; daemon log:\n{daemon.log_tail()}")

@@ -29,8 +29,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
-    asyncio.run(app.serve(cfg))
+    runner = _loop_factory(args.loop)
+    with asyncio.Runner(loop_factory=runner) as loop_runner:
+        loop_runner.run(app.serve(cfg))
     return EXIT_OK
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where installed (``auto``): its C event loop and transports took about 7 % less
+    CPU per Modbus poll than the stdlib loop (docs/PERFORMANCE.md); ``asyncio`` forces the
+    stdlib loop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("--loop uvloop: uvloop is not installed") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -99,6 +117,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", required=True, help="gateway config YAML")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    run.add_argument(
+        "--loop",
+        default="auto",
+        choices=["auto", "uvloop", "asyncio"],
+        help="event loop (auto: uvloop if installed)",
+    )
     run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file; exit 2 with located errors")

@@ -99,8 +99,9 @@ async def sim() -> AsyncIterator[AlarmBoxSimulator]:
         yield s
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])  # the default (auto) is uvloop where installed
 async def test_panic_reaches_both_platforms_and_reset_clears(
-    tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto], sim: AlarmBoxSimulator
+    tmp_path: Path, brokers: tuple[Mosquitto, Mosquitto], sim: AlarmBoxSimulator, loop: str
 ) -> None:
     police, edu = brokers
     cfg = base_config(
@@ -112,7 +113,7 @@ async def test_panic_reaches_both_platforms_and_reset_clears(
         [box("box-gate", sim.port)],
     )
     with Subscriber(police.port, POLICE_TOPIC) as p_sub, Subscriber(edu.port, EDU_TOPIC) as e_sub:
-        daemon = Daemon(tmp_path / "d", cfg)
+        daemon = Daemon(tmp_path / "d", cfg, loop=loop)
         await asyncio.to_thread(daemon.start)
         try:
             await await_event(p_sub, "gateway.started")

@@ -20,7 +20,7 @@ import structlog
 from drivers.modbus.hub import HubState
 from drivers.modbus_alarm import AlarmBoxConfig, AlarmBoxDriver, AlarmBoxFamily, Presence
 from drivers.modbus_alarm.driver import Ticker
-from gateway.driver import DriverContext, LinkState
+from gateway.driver import DriverContext, LinkState, Verdict
 from gateway.errors import DeviceRejected
 from gateway.events import DeviceKind, EventState, Observation, Severity
 from simulators.alarm_box import AlarmBoxSimulator
@@ -440,3 +440,39 @@ async def test_a_change_is_confirmed_at_once_not_a_poll_later(sim: AlarmBoxSimul
         reads = sim.requests(function_code=2)
         await asyncio.sleep(0.3)
         assert sim.requests(function_code=2) == reads  # settled: back on the 1 s grid, no extra reads
+
+
+async def test_reset_and_ack_commands(sim: AlarmBoxSimulator) -> None:
+    async with running([box(sim, ack_seconds=0.3)]) as (family, sink):
+        (driver,) = family.drivers
+        assert driver.commands == {"alarm.reset", "alarm.ack"}
+        await sim.press(0)
+        await sink.wait(is_("alarm.panic", EventState.ACTIVE, zone=0))
+        held = await driver.command("alarm.reset", {"zone": 0})
+        assert (held.verdict, held.reason) == (Verdict.REFUSED, "held")
+        assert held.data["latched"] == [0]
+        await sim.release(0)
+        await polls(driver, 3)
+        done = await driver.command("alarm.reset", {})
+        assert (done.verdict, done.data["cleared"]) == (Verdict.DONE, [0])
+        await sink.wait(is_("alarm.panic", EventState.CLEARED, zone=0))
+        again = await driver.command("alarm.reset", {})
+        assert (again.verdict, again.detail) == (Verdict.DONE, "nothing latched")
+        for bad in ({"zone": 42}, {"zone": "0"}, {"zones": [0]}):
+            assert (await driver.command("alarm.reset", bad)).reason == "bad_args"
+
+        ack = await driver.command("alarm.ack", {})
+        assert ack.verdict is Verdict.DONE
+        assert await sim.coil(0) is True  # the ack LED, read back by the driver
+        start = time.monotonic()
+        for _ in range(100):  # bounded: off after ack_seconds, at the next poll
+            if not await sim.coil(0):
+                break
+            await asyncio.sleep(0.02)
+        assert await sim.coil(0) is False
+        assert time.monotonic() - start < 1.0 + 0.3  # generous: 0.3 s plus a poll on a busy box
+        assert (await driver.command("alarm.ack", {"x": 1})).reason == "bad_args"
+        assert (await driver.command("bollard.raise", {})).reason == "unsupported"
+        sim.force_output(0, False)  # a dead LED: the write is not confirmed
+        failed = await driver.command("alarm.ack", {})
+        assert (failed.verdict, failed.reason) == (Verdict.FAILED, "device_error")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from typing import cast
 
 from drivers.modbus.conn import Broken, Connection
 from drivers.modbus.links import TcpLink
@@ -77,8 +78,8 @@ class MbapConnection(Connection, asyncio.Protocol):
     # ---- asyncio.Protocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport (uvloop's is not a subclass of asyncio.Transport, so no isinstance).
+        self._transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = "connection closed by the device" if exc is None else f"connection lost: {exc}"

@@ -23,7 +23,8 @@ READY_TIMEOUT = 20.0  # a cold start imports pymodbus, pydantic and paho: ~1-2 s
 class Daemon:
     """``campus-gateway run`` as a child process. READY is read from a NOTIFY_SOCKET of our own."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any], *, loop: str = "auto") -> None:
+        self.loop = loop  # campus-gateway run --loop: auto (uvloop if installed), uvloop, asyncio
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "gateway.yaml"
@@ -55,6 +56,8 @@ class Daemon:
                     str(self.config_path),
                     "--log-format",
                     "json",
+                    "--loop",
+                    self.loop,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
