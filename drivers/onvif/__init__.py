@@ -1,0 +1,1 @@
+"""ONVIF cameras: events over pull-point subscriptions, health, evidence snapshots, video checks."""
