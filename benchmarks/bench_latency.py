@@ -22,10 +22,10 @@ ms resolution) and the pipeline (arrival - ``occurred_at``: outbox commit with f
 uplink, broker, subscriber).
 
 Theoretical floor of detection with debounce N samples at poll interval T: the flip waits
-U(0, T) for the next poll, then N - 1 confirming reads follow, each 5 ms after the last
-(``CONFIRM_DELAY``; not a whole poll interval): p50 0.5 T + (N - 1) x 5 ms, p99 about
-0.99 T + (N - 1) x 5 ms. The generic-8di profile debounces 2 samples, so at T = 100 ms
-its floor is 55 ms p50, 104 ms p99; each ``--debounce`` value is its own daemon run.
+U(0, T) for the next poll, then N - 1 confirming reads follow, each 3 ms after the last
+(``CONFIRM_DELAY``; not a whole poll interval): p50 0.5 T + (N - 1) x 3 ms, p99 about
+0.99 T + (N - 1) x 3 ms. The generic-8di profile debounces 2 samples, so at T = 100 ms
+its floor is 53 ms p50, 102 ms p99; each ``--debounce`` value is its own daemon run.
 """
 
 from __future__ import annotations

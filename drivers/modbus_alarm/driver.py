@@ -27,11 +27,12 @@ from gateway.driver import DeviceStatus, Driver, Outcome, Verdict
 from gateway.errors import DeviceUnavailable, DriverError
 from gateway.events import DeviceKind, DeviceRef, EventSink, Observation
 
-# 5 ms between the reads that confirm a change: an induced spike on a long cable run lasts
-# microseconds, so two reads 5 ms apart still reject it, while a press (held for hundreds
-# of ms) is accepted 5 ms after it is first seen instead of a whole poll interval later.
-# Contact bounce (1-10 ms) can at worst defer a press to the next regular poll.
-CONFIRM_DELAY = 0.005
+# 3 ms between the reads that confirm a change: an induced spike on a long cable run lasts
+# microseconds (and I/O modules filter their inputs over 1-3 ms themselves), so two reads
+# 3 ms apart still reject it, while a press (held for hundreds of ms) is accepted 3 ms after
+# it is first seen instead of a whole poll interval later. Contact bounce (1-10 ms) can at
+# worst defer a press to the next regular poll.
+CONFIRM_DELAY = 0.003
 # At most this many confirming reads in a row, then the regular grid again: an input
 # that flaps faster than the debounce never turns polling into a 200 Hz loop.
 MAX_CONFIRMS = 4
