@@ -98,12 +98,17 @@ class VideoCheckConfig(BaseModel):
         default=12.0, ge=0, le=128, description="std dev at or below (and not black): view covered"
     )
 
-    # Frozen: a still picture is one whose mean absolute difference to the previous snapshot is
-    # at most 0.25 grey levels (or that is byte-identical). A live camera differs by more:
-    # sensor noise, compression, and the on-screen clock most cameras burn in. A frozen encoder
-    # repeats the same bytes or re-encodes the same picture (difference near 0).
+    # Frozen: a still picture is byte-identical to the previous snapshot, or differs by at most
+    # 0.25 grey levels on average *and* has no pixel changed by more than motion_pixel_diff.
+    # A frozen encoder repeats the same bytes, or re-encodes the same picture (differences of
+    # 0-0.6, none large). A live camera differs by more: sensor noise gives 0.5-2 on average,
+    # and the on-screen clock most cameras burn in changes a few dozen pixels by far more than
+    # 25 every second, even when strong noise reduction flattens the rest of a still scene.
     frozen_max_diff: float = Field(
-        default=0.25, ge=0, le=255, description="mean abs difference at or below: the same picture"
+        default=0.25, ge=0, le=255, description="mean abs difference at or below: maybe the same picture"
+    )
+    frozen_max_changed: float = Field(
+        default=0.0, ge=0, le=1, description="fraction of changed pixels at or below: maybe the same picture"
     )
     # 60 s and 3 snapshots: a camera with strong temporal noise reduction watching an empty
     # corridor can give near-identical snapshots for a while; a frozen encoder stays frozen.
@@ -364,7 +369,15 @@ def analyze(
     still = (
         prev is not None
         and not flat
-        and (digest == prev.digest or (diff is not None and diff <= cfg.frozen_max_diff))
+        and (
+            digest == prev.digest
+            or (
+                diff is not None
+                and changed is not None
+                and diff <= cfg.frozen_max_diff
+                and changed <= cfg.frozen_max_changed
+            )
+        )
     )
     if still and prev is not None:
         still_since = prev.still_since if prev.still_since is not None else prev.at
