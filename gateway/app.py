@@ -26,6 +26,7 @@ from gateway.commands.service import CommandService
 from gateway.config import GatewayConfig
 from gateway.driver import Driver, DriverFamily, LinkState, Outcome, Verdict
 from gateway.events import DeviceKind, DeviceRef, Event, Identity, Observation, Severity
+from gateway.evidence import Evidence
 from gateway.outbox import Outbox
 from gateway.registry import families
 from gateway.router import Router
@@ -41,18 +42,26 @@ RECENT_EVENTS = 200  # kept in memory for the local API's "recent events"
 
 
 class Pipeline:
-    """The sink drivers publish into: route, then append durably to the matching outboxes."""
+    """The sink drivers publish into: route, then append durably to the matching outboxes.
+
+    Once an alarm is committed, the cameras linked to it are asked for evidence (in tasks
+    of their own: the alarm never waits for a camera).
+    """
 
     def __init__(self, outbox: Outbox, router: Router) -> None:
         self.outbox = outbox
         self.router = router
+        self.evidence: Evidence | None = None
         self.recent: deque[Event] = deque(maxlen=RECENT_EVENTS)
         self.by_type: Counter[str] = Counter()
 
     async def publish(self, obs: Observation) -> None:
-        event = await self.outbox.append(obs, self.router.targets(obs))
+        targets = self.router.targets(obs)
+        event = await self.outbox.append(obs, targets)
         self.recent.append(event)
         self.by_type[obs.type] += 1
+        if self.evidence is not None and targets:
+            self.evidence.trigger(obs, event.id, targets)
 
 
 class Reporter:
@@ -116,6 +125,7 @@ class Gateway:
             commands = await stack.enter_async_context(
                 CommandService(cfg, self.drivers, self.pipeline, self.ref, self.self_test)
             )
+            self.pipeline.evidence = await stack.enter_async_context(Evidence(self.drivers, outbox))
             self.uplinks = [
                 Uplink(
                     u,

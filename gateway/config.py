@@ -262,6 +262,12 @@ def parse(data: Any, source: str, base_dir: Path | None = None) -> GatewayConfig
         raise ConfigError(source, [("", "the top level must be a mapping")])
     issues: list[tuple[str, str]] = []
     raw_devices = data.get("devices") or []
+    if base_dir is not None and isinstance(raw_devices, list):
+        # A device's files (``password_file``...) are relative to the config file too.
+        raw_devices = [
+            _rebase(d, [k for k in d if k.endswith("_file")], base_dir) if isinstance(d, dict) else d
+            for d in raw_devices
+        ]
     core = {k: v for k, v in data.items() if k != "devices"}
     cfg: GatewayConfig | None = None
     try:

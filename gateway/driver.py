@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.errors import DeviceRejected
 from gateway.events import DeviceKind, DeviceRef, EventSink
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -110,6 +111,7 @@ class Driver(abc.ABC):
     status: DeviceStatus
     commands: ClassVar[frozenset[str]] = frozenset()
     groups: tuple[str, ...] = ()
+    evidence_for: tuple[str, ...] = ()  # a camera: the alarms ("box", "box:3") it takes snapshots for
 
     @abc.abstractmethod
     async def run(self, sink: EventSink) -> None:
@@ -118,6 +120,10 @@ class Driver(abc.ABC):
     async def command(self, name: str, args: Mapping[str, Any]) -> Outcome:
         """Carry out one verified command, bounded in time; device errors become an Outcome."""
         return Outcome(Verdict.REFUSED, "unsupported", f"{self.device.id} does not take {name}")
+
+    async def snapshot(self) -> bytes:
+        """A picture (JPEG) now, bounded in time; raises a DriverError when there is none."""
+        raise DeviceRejected(self.device.id, "this device takes no snapshots")
 
 
 class DriverFamily(abc.ABC):

@@ -109,6 +109,20 @@ class Attachment:
 
 
 @dataclass(frozen=True, slots=True)
+class Blob:
+    """Binary content published on a topic of its own (a snapshot: ``snapshots/{id}``).
+
+    Queued in the outbox like an event, but it is not an event: it takes no ``seq`` (the
+    event stream stays gapless for consumers) and its bytes are published as they are.
+    """
+
+    id: str  # the last topic level
+    kind: str  # "snapshot"
+    content: bytes
+    content_type: str = "image/jpeg"
+
+
+@dataclass(frozen=True, slots=True)
 class Observation:
     """What a driver saw. ``occurred_at`` is epoch seconds (``time.time()``) at detection."""
 

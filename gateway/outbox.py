@@ -61,7 +61,7 @@ from typing import Any, Final, Self, TypeAlias
 import structlog
 
 from gateway.errors import OutboxError
-from gateway.events import Event, Identity, Observation, Severity, is_alarm_type, stamp
+from gateway.events import Blob, Event, Identity, Observation, Severity, is_alarm_type, stamp
 
 log = structlog.get_logger(__name__)
 
@@ -267,7 +267,7 @@ class _Lane:
 
 @dataclass(slots=True, eq=False)
 class _Request:
-    items: list[tuple[Observation, tuple[str, ...], float]]  # observation, uplinks, received_at
+    items: list[tuple[Observation | Blob, tuple[str, ...], float]]  # observation, uplinks, received_at
     future: asyncio.Future[list[Event]]
 
 
@@ -597,8 +597,12 @@ class Outbox:
         events = await self._submit([(obs, uplinks)])
         return events[0]
 
-    async def append_many(self, items: Sequence[tuple[Observation, Sequence[str]]]) -> list[Event]:
-        """Like :meth:`append` for several observations, committed in one transaction, all or none."""
+    async def append_many(self, items: Sequence[tuple[Observation | Blob, Sequence[str]]]) -> list[Event]:
+        """Like :meth:`append` for several observations, committed in one transaction, all or none.
+
+        A :class:`~gateway.events.Blob` among them is queued too (no seq; its Event has seq 0
+        and type ``blob.kind``): a snapshot and the event that references it commit together.
+        """
         if not items:
             return []
         return await self._submit(items)
@@ -705,11 +709,11 @@ class Outbox:
         except KeyError:
             raise ValueError(f"unknown uplink {uplink!r}") from None
 
-    async def _submit(self, items: Sequence[tuple[Observation, Sequence[str]]]) -> list[Event]:
+    async def _submit(self, items: Sequence[tuple[Observation | Blob, Sequence[str]]]) -> list[Event]:
         if self._state is not _State.OPEN or self._loop is None:
             raise OutboxError(f"{self._path}: the outbox is not open")
         now = time.time()
-        prepared: list[tuple[Observation, tuple[str, ...], float]] = []
+        prepared: list[tuple[Observation | Blob, tuple[str, ...], float]] = []
         for obs, uplinks in items:
             names = tuple(dict.fromkeys(uplinks))
             for name in names:
@@ -870,8 +874,13 @@ class Outbox:
         for req in batch.requests:
             events: list[Event] = []
             try:
-                for i, (obs, _, received) in enumerate(req.items, start=1):
-                    events.append(stamp(obs, identity, seq + i, received))
+                n = 0
+                for obs, _, received in req.items:
+                    if isinstance(obs, Blob):  # no seq: not an event
+                        events.append(Event(obs.id, 0, obs.kind, Severity.INFO, None, obs.content))
+                        continue
+                    n += 1
+                    events.append(stamp(obs, identity, seq + n, received))
                     stamped += 1
                     if not stamped % 32 and time.perf_counter() > yield_at:
                         time.sleep(GIL_YIELD)
@@ -879,7 +888,7 @@ class Outbox:
             except (TypeError, ValueError) as exc:
                 batch.results.append(exc)
                 continue
-            seq += len(events)
+            seq += n
             batch.results.append(events)
             for event, (_, uplinks, received) in zip(events, req.items, strict=True):
                 cls = shed_class(event.type, event.severity)

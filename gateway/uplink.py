@@ -96,6 +96,8 @@ def _consume(fut: asyncio.Future[None]) -> None:
         fut.exception()
 
 
+SNAPSHOT_TYPE = "snapshot"  # the outbox type of snapshot Blobs: published on snapshots/{id}
+
 CommandSink = Callable[[str, str, bytes, Callable[[str, bytes], None]], None]
 """(uplink name, command topic level, payload, reply(level, payload)): the command service."""
 # Replies kept while the uplink is down: a platform sends a handful of commands a day; a
@@ -298,9 +300,7 @@ class Uplink:
                 buffer.extend(rows)
                 last_read = rows[-1].rowid
             row = buffer.popleft()
-            topic = self._topics.get(row.type)
-            if topic is None:
-                topic = self._topics[row.type] = f"{self.base}/events/{row.type.replace('.', '/')}"
+            topic = self._topic(row)
             fut = conn.publish(topic, row.payload, qos=1)
             fut.add_done_callback(self._on_done)
             pending[row.rowid] = (row, fut, time.monotonic())
@@ -404,6 +404,14 @@ class Uplink:
         return max(0.0, min(deadlines) - now) + 0.001 if deadlines else None
 
     # -- status, heartbeat, trouble -------------------------------------------------------------
+
+    def _topic(self, row: Row) -> str:
+        if row.type == SNAPSHOT_TYPE:  # a Blob: binary, on a topic of its own
+            return f"{self.base}/snapshots/{row.event_id}"
+        topic = self._topics.get(row.type)
+        if topic is None:
+            topic = self._topics[row.type] = f"{self.base}/events/{row.type.replace('.', '/')}"
+        return topic
 
     # -- commands -------------------------------------------------------------------------------
 

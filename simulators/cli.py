@@ -44,6 +44,7 @@ def add_sim_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     box.set_defaults(func=run_alarm_box)
     _add_bollard_parser(kinds)
+    _add_camera_parser(kinds)
     return sim
 
 
@@ -78,6 +79,80 @@ def _add_bollard_parser(kinds: Any) -> None:
             help=f"{what} takes this long (default {default})",
         )
     bollard.set_defaults(func=run_bollard)
+
+
+def _add_camera_parser(kinds: Any) -> None:
+    camera = kinds.add_parser(
+        "camera",
+        help="an ONVIF camera (device, media, pull-point events, snapshots) with fault injection",
+        description="An ONVIF camera on 127.0.0.1 (SOAP 1.2, WS-Security digest, HTTP digest "
+        "snapshots, MJPEG) with an HTTP control API: POST /emit {'topic': "
+        "'tns1:VideoSource/MotionAlarm', 'data': {'State': true}}, POST /reboot {'downtime': 1.5}, "
+        "POST /clock {'skew': 3600}, POST /delay {'seconds': 1}, POST /picture {'mode': 'black'}, "
+        "POST /renew {'refuse': true}, POST /subscriptions/limit {'limit': 2}, POST /hostile "
+        "{'mode': 'xxe'}, POST /malformed-faults {'on': true}, POST /fail {'operation': "
+        "'GetServices', 'on': true}, GET /state. Details: docs/drivers/onvif-camera.md.",
+    )
+    camera.add_argument(
+        "--port", type=_port, default=8080, help="ONVIF / HTTP port (0: any free one; default 8080)"
+    )
+    camera.add_argument(
+        "--control-port", type=_port, default=8504, help="HTTP control port (0: any; default 8504)"
+    )
+    camera.add_argument("--user", default="admin", help="ONVIF and snapshot user (default admin)")
+    camera.add_argument("--password", default="admin", help="its password (default admin)")
+    camera.add_argument(
+        "--profiles", type=int, choices=(1, 2), default=2, help="media profiles served (default 2)"
+    )
+    camera.add_argument(
+        "--no-get-services",
+        action="store_true",
+        help="GetServices answers a fault (clients fall back to GetCapabilities)",
+    )
+    camera.add_argument(
+        "--max-subscriptions", type=int, default=10, help="concurrent pull-point subscriptions (default 10)"
+    )
+    camera.add_argument(
+        "--state-style",
+        choices=("true", "1", "active"),
+        default="true",
+        help="how boolean event data is written: true/false, 1/0 or active/inactive (default true)",
+    )
+    camera.set_defaults(func=run_camera)
+
+
+def run_camera(args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(_serve_camera(args))
+    except ValueError as exc:
+        print(f"sim camera: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"sim camera: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve_camera(args: argparse.Namespace) -> None:
+    from simulators.onvif_camera import OnvifCameraSimulator  # cv2 and numpy load only for the camera
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with OnvifCameraSimulator(
+        port=args.port,
+        control_port=args.control_port,
+        user=args.user,
+        password=args.password,
+        profiles=args.profiles,
+        get_services=not args.no_get_services,
+        max_subscriptions=args.max_subscriptions,
+        state_style=args.state_style,
+    ) as sim:
+        ready = {"sim": "camera", "port": sim.port, "control_port": sim.control_port}
+        print(json.dumps(ready), flush=True)
+        await stop.wait()
 
 
 def run_alarm_box(args: argparse.Namespace) -> int:

@@ -76,7 +76,7 @@ from xml.sax.saxutils import escape, quoteattr
 import cv2
 import numpy as np
 from aiohttp import web
-from lxml import etree
+from lxml import etree  # type: ignore[import-untyped,unused-ignore]  # typed or not, by lxml version
 
 # ---- namespaces ----------------------------------------------------------------------
 
@@ -87,12 +87,9 @@ NS_DEVICE = "http://www.onvif.org/ver10/device/wsdl"
 NS_MEDIA = "http://www.onvif.org/ver10/media/wsdl"
 NS_EVENTS = "http://www.onvif.org/ver10/events/wsdl"
 NS_WSNT = "http://docs.oasis-open.org/wsn/b-2"
-PASSWORD_DIGEST = (
-    "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-username-token-profile-1.0#PasswordDigest"
-)
-PASSWORD_TEXT = (
-    "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-username-token-profile-1.0#PasswordText"
-)
+_WSS_PROFILE = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-username-token-profile-1.0"
+PASSWORD_DIGEST = f"{_WSS_PROFILE}#PasswordDigest"
+PASSWORD_TEXT = f"{_WSS_PROFILE}#PasswordText"
 TOPIC_DIALECT = "http://www.onvif.org/ver10/tev/topicExpression/ConcreteSet"
 
 # Prefixes declared on every answer; a topic's prefix must be one of these or be given to emit().
@@ -135,12 +132,14 @@ MAX_SKEW = 10 * 365 * 86_400.0  # s: ten years either way covers any battery-les
 MJPEG_INTERVAL = 0.1  # s between MJPEG frames: 10 fps, enough for motion checks, cheap to encode
 MJPEG_MAX_SECONDS = 600.0  # s: an MJPEG stream ends after this (no connection lives forever)
 BLOCKED_GREY = 128  # the lens-covered picture's level (uniform grey, low variance)
+SENSOR_NOISE = 2.0  # grey levels (std dev) of a still scene: live (never byte-identical), no motion
+DEFOCUS_SIGMA = 6.0  # px: the blur of a defocused lens (Laplacian variance falls by >95 %)
 
 PREAUTH = frozenset({"GetSystemDateAndTime"})
-PICTURE_MODES = ("normal", "black", "frozen", "blocked")
+PICTURE_MODES = ("normal", "still", "black", "frozen", "blocked", "defocused")
 HOSTILE_MODES = ("xxe", "billion_laughs")
 STATE_STYLES = {"true": ("true", "false"), "1": ("1", "0"), "active": ("active", "inactive")}
-PictureMode = Literal["normal", "black", "frozen", "blocked"]
+PictureMode = Literal["normal", "still", "black", "frozen", "blocked", "defocused"]
 HostileMode = Literal["xxe", "billion_laughs"]
 StateStyle = Literal["true", "1", "active"]
 
@@ -179,6 +178,7 @@ class _Dropped(Exception):
 class _Subscription:
     sid: str
     termination: dt.datetime  # on the camera's clock
+    lifetime: dt.timedelta  # as last asked for (what a pull extends by, with pull_extends)
     queue: deque[str] = field(default_factory=lambda: deque(maxlen=QUEUE_MAX))
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     dropped_messages: int = 0
@@ -205,14 +205,14 @@ class _Counters:
 class OnvifCameraSimulator:
     """One ONVIF camera: device, media and event services, snapshots, an MJPEG stream."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0915 - one flat keyword-only constructor, checked field by field
         self,
         *,
         port: int = 0,
         control_port: int | None = None,
         host: str = "127.0.0.1",
         user: str = "admin",
-        password: str = "admin",
+        password: str = "admin",  # noqa: S107 - a simulator's factory default, loopback only
         profiles: int = 2,
         get_services: bool = True,
         max_subscriptions: int = 10,
@@ -264,11 +264,12 @@ class OnvifCameraSimulator:
         self._renew_refused = False
         self._failing: set[str] = set() if get_services else {"GetServices"}
         self._subs: dict[str, _Subscription] = {}
-        self._properties: dict[tuple[str, str], tuple[str, Mapping[str, Any], Mapping[str, Any], str]] = {}
+        # (topic, source) -> (topic, source, data, state style, namespace declarations)
+        self._properties: dict[tuple[str, str], tuple[str, dict[str, Any], dict[str, Any], str, str]] = {}
         self._nonces: OrderedDict[str, float] = OrderedDict()
         self._digest_nonces: OrderedDict[str, float] = OrderedDict()
         self._counters = _Counters()
-        self._inflight: set[web.Request] = set()
+        self._inflight: set[asyncio.BaseTransport] = set()  # connections with a request being answered
         self._frames = _FrameSource()
         self._runner: web.AppRunner | None = None
         self._control_runner: web.AppRunner | None = None
@@ -349,9 +350,9 @@ class OnvifCameraSimulator:
     async def _go_down(self) -> None:
         """Close the port and every connection; waiting requests die without an answer."""
         self._up.clear()
-        for request in list(self._inflight):
-            if request.transport is not None:
-                request.transport.abort()
+        for transport in list(self._inflight):
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -466,7 +467,8 @@ class OnvifCameraSimulator:
         prefix = topic.split(":", 1)[0]
         extra = dict(namespaces or {})
         if prefix not in TOPIC_NAMESPACES and prefix not in extra:
-            raise ValueError(f"topic prefix {prefix!r}: one of {', '.join(TOPIC_NAMESPACES)} or in namespaces")
+            known = ", ".join(TOPIC_NAMESPACES)
+            raise ValueError(f"topic prefix {prefix!r}: one of {known} or declared in namespaces")
         style = self.state_style if state_style is None else state_style
         _check_state_style(style)
         if property_operation not in (None, "Changed", "Initialized", "Deleted"):
@@ -480,8 +482,10 @@ class OnvifCameraSimulator:
         ns_decl = "".join(f" xmlns:{p}={quoteattr(u)}" for p, u in extra.items())
         if property_operation is not None:
             key = (topic, repr(sorted((k, str(v)) for k, v in source.items())))
-            self._properties[key] = (topic, source, data, style + ns_decl)
-        message = self._message(topic, source, data, style, property_operation, ns_decl)
+            self._properties[key] = (topic, source, data, style, ns_decl)
+        message = self._message(
+            topic, source=source, data=data, style=style, operation=property_operation, ns_decl=ns_decl
+        )
         self._counters.emitted += 1
         for sub in self._subs.values():
             _enqueue(sub, message)
@@ -521,8 +525,10 @@ class OnvifCameraSimulator:
         self._delay = float(seconds)
 
     async def set_picture(self, mode: PictureMode) -> None:
-        """normal (a moving test pattern), black, frozen (the same frame each time) or
-        blocked (uniform grey with a little noise: the lens covered)."""
+        """normal (a moving test pattern: motion in every frame), still (a textured scene with
+        sensor noise: live, no motion), black, frozen (the same bytes each time), blocked
+        (uniform grey with a little noise: the lens covered) or defocused (the still scene
+        blurred)."""
         if mode not in PICTURE_MODES:
             raise ValueError(f"picture mode {mode!r}: one of {', '.join(PICTURE_MODES)}")
         self._frames.set_mode(mode)
@@ -593,6 +599,7 @@ class OnvifCameraSimulator:
     def _message(
         self,
         topic: str,
+        *,
         source: Mapping[str, Any],
         data: Mapping[str, Any],
         style: str,
@@ -619,10 +626,12 @@ class OnvifCameraSimulator:
     def _initialized(self) -> list[str]:
         """The last message of every property, as Initialized."""
         out = []
-        for topic, source, data, style_ns in self._properties.values():
-            style, _, ns_decl = style_ns.partition(" ")
-            ns_decl = f" {ns_decl}" if ns_decl else ""
-            out.append(self._message(topic, source, data, style, "Initialized", ns_decl))
+        for topic, source, data, style, ns_decl in self._properties.values():
+            out.append(
+                self._message(
+                    topic, source=source, data=data, style=style, operation="Initialized", ns_decl=ns_decl
+                )
+            )
         return out
 
     def _lifetime(self, element: etree._Element | None, *, default: float | None) -> dt.datetime:
@@ -665,7 +674,9 @@ class OnvifCameraSimulator:
 
     def _soap_handler(self, kind: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
-            self._inflight.add(request)
+            transport = request.transport
+            if transport is not None:
+                self._inflight.add(transport)
             try:
                 return await self._soap(kind, request)
             except _Dropped:
@@ -673,7 +684,8 @@ class OnvifCameraSimulator:
                     request.transport.abort()
                 raise web.HTTPServiceUnavailable from None  # written nowhere: the connection is gone
             finally:
-                self._inflight.discard(request)
+                if transport is not None:
+                    self._inflight.discard(transport)
 
         return handle
 
@@ -682,29 +694,35 @@ class OnvifCameraSimulator:
         if self._delay:
             await asyncio.sleep(self._delay)
         try:
-            envelope = _parse_request(body)
-            op_element = envelope.find(f"{{{NS_ENV}}}Body/*")
-            if op_element is None:
-                raise _SoapFault("Sender", ("ter:InvalidArgVal",), "empty Body")
-            op = etree.QName(op_element).localname
-            self._counters.requests[op] += 1
-            if self._hostile is not None:
-                return web.Response(body=_HOSTILE[self._hostile], content_type="application/soap+xml")
-            if op not in PREAUTH:
-                self._authenticate(envelope)
-            handler = self._ops.get((kind, op))
-            if handler is None:
-                raise _SoapFault("Receiver", ("ter:ActionNotSupported",), f"{op} is not supported here")
-            if op in self._failing:
-                raise _SoapFault("Receiver", ("ter:ActionNotSupported",), f"{op} fails (injected)")
-            answer = await handler(op_element, request.match_info.get("sid"))
+            answer = await self._dispatch(kind, body, request.match_info.get("sid"))
         except _SoapFault as fault:
             return self._fault_response(fault)
+        if isinstance(answer, bytes):  # a hostile document, sent as it is
+            return web.Response(body=answer, headers={"Content-Type": SOAP_CONTENT_TYPE})
         return web.Response(
             body=f"<?xml version='1.0' encoding='utf-8'?><env:Envelope {_NSDECL}><env:Body>{answer}"
             "</env:Body></env:Envelope>",
             headers={"Content-Type": SOAP_CONTENT_TYPE},
         )
+
+    async def _dispatch(self, kind: str, body: bytes, sid: str | None) -> str | bytes:
+        """The answer's Body content (or a whole hostile document); raises _SoapFault."""
+        envelope = _parse_request(body)
+        op_element = envelope.find(f"{{{NS_ENV}}}Body/*")
+        if op_element is None:
+            raise _SoapFault("Sender", ("ter:InvalidArgVal",), "empty Body")
+        op = str(etree.QName(op_element).localname)
+        self._counters.requests[op] += 1
+        if self._hostile is not None:
+            return _HOSTILE[self._hostile]
+        if op not in PREAUTH:
+            self._authenticate(envelope)
+        handler = self._ops.get((kind, op))
+        if handler is None:
+            raise _SoapFault("Receiver", ("ter:ActionNotSupported",), f"{op} is not supported here")
+        if op in self._failing:
+            raise _SoapFault("Receiver", ("ter:ActionNotSupported",), f"{op} fails (injected)")
+        return await handler(op_element, sid)
 
     def _fault_response(self, fault: _SoapFault) -> web.Response:
         if self._malformed_faults:
@@ -750,6 +768,9 @@ class OnvifCameraSimulator:
             return
         if kind != PASSWORD_DIGEST:
             raise _not_authorized(f"password type {kind!r}")
+        self._check_digest(token, username, password)
+
+    def _check_digest(self, token: etree._Element, username: str, password: str) -> None:
         nonce_text = (token.findtext(f"{{{NS_WSSE}}}Nonce") or "").strip()
         created = (token.findtext(f"{{{NS_WSU}}}Created") or "").strip()
         try:
@@ -898,7 +919,7 @@ class OnvifCameraSimulator:
             el.find(f"{{{NS_EVENTS}}}InitialTerminationTime"), default=self.default_subscription_seconds
         )
         sid = uuid.uuid4().hex
-        sub = _Subscription(sid, termination)
+        sub = _Subscription(sid, termination, termination - self.clock())
         for message in self._initialized():
             _enqueue(sub, message)
         self._subs[sid] = sub
@@ -919,8 +940,7 @@ class OnvifCameraSimulator:
             raise _SoapFault("Sender", ("ter:InvalidArgVal",), "Timeout (a duration) and MessageLimit (>= 1)")
         limit = min(int(limit_text), MAX_MESSAGE_LIMIT)
         if self.pull_extends:
-            lifetime = max(sub.termination - self.clock(), dt.timedelta(seconds=1))
-            sub.termination = self.clock() + lifetime
+            sub.termination = max(sub.termination, self.clock() + sub.lifetime)
         if not sub.queue:
             sub.wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -943,6 +963,7 @@ class OnvifCameraSimulator:
             self._counters.renew_refused += 1
             raise _SoapFault("Receiver", ("ter:Action",), "renew refused (injected)")
         sub.termination = self._lifetime(el.find(f"{{{NS_WSNT}}}TerminationTime"), default=None)
+        sub.lifetime = sub.termination - self.clock()
         self._counters.renewed += 1
         return (
             f"<wsnt:RenewResponse><wsnt:TerminationTime>{_xml_time(sub.termination)}</wsnt:TerminationTime>"
@@ -1031,7 +1052,9 @@ class OnvifCameraSimulator:
             headers={"Content-Type": "multipart/x-mixed-replace; boundary=frame", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        self._inflight.add(request)
+        transport = request.transport
+        if transport is not None:
+            self._inflight.add(transport)
         try:
             loop = asyncio.get_running_loop()
             end = loop.time() + MJPEG_MAX_SECONDS
@@ -1048,7 +1071,8 @@ class OnvifCameraSimulator:
         except ConnectionError:  # the viewer went away
             return response
         finally:
-            self._inflight.discard(request)
+            if transport is not None:
+                self._inflight.discard(transport)
         return response
 
     # ---- HTTP control API ------------------------------------------------------------
@@ -1079,7 +1103,7 @@ class OnvifCameraSimulator:
         data, source, namespaces = body.get("data"), body.get("source"), body.get("namespaces")
         for key, value in (("data", data), ("source", source), ("namespaces", namespaces)):
             if value is not None and not isinstance(value, dict):
-                raise ValueError(f"{key!r} must be an object")  # noqa: TRY004 - answered as 400
+                raise ValueError(f"{key!r} must be an object")
         style = body.get("state_style")
         if style is not None:
             _check_state_style(style)
@@ -1150,7 +1174,7 @@ class OnvifCameraSimulator:
 
 
 class _FrameSource:
-    """JPEG frames: a moving textured test pattern, or black / frozen / blocked pictures."""
+    """JPEG frames: a moving textured test pattern, a still scene, or a broken picture."""
 
     def __init__(self) -> None:
         self._mode: PictureMode = "normal"
@@ -1174,21 +1198,36 @@ class _FrameSource:
         if self._mode == "blocked":
             noise = self._rng.normal(BLOCKED_GREY, 1.5, (height, width, 1))
             return _encode(np.repeat(np.clip(noise, 0, 255).astype(np.uint8), 3, axis=2))
+        if self._mode in ("still", "defocused"):
+            scene: np.ndarray[Any, Any] = self._scene(size)[:, :width].astype(np.float32)
+            if self._mode == "defocused":
+                scene = cv2.GaussianBlur(scene, (0, 0), DEFOCUS_SIGMA)
+            noisy = scene + self._rng.normal(0, SENSOR_NOISE, scene.shape[:2])[:, :, None]
+            return _encode(np.clip(noisy, 0, 255).astype(np.uint8))
         return _encode(self._pattern(size))
 
-    def _pattern(self, size: tuple[int, int]) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    def _scene(self, size: tuple[int, int]) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """A textured scene twice as wide as the picture (the moving pattern pans over it)."""
         width, height = size
         if size not in self._texture:
             rng = np.random.default_rng(width * 10_000 + height)
-            noise = rng.integers(0, 90, (height, width * 2, 1), dtype=np.uint8)
-            ramp = np.linspace(40, 160, width * 2, dtype=np.uint8)[None, :, None]
-            self._texture[size] = (noise + ramp + np.array([0, 30, 60], np.uint8)).astype(np.uint8)
+            noise = cv2.GaussianBlur(rng.uniform(0, 120, (height, width * 2)).astype(np.float32), (0, 0), 1.2)
+            ramp = np.linspace(40, 130, width * 2, dtype=np.float32)[None, :]
+            grey = noise + ramp
+            colour = np.stack([grey, grey + 20, grey + 40], axis=2)
+            self._texture[size] = np.clip(colour, 0, 255).astype(np.uint8)
+        return self._texture[size]
+
+    def _pattern(self, size: tuple[int, int]) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        width, height = size
+        scene = self._scene(size)
         self._n += 1
         shift = (self._n * 8) % width
-        frame = np.ascontiguousarray(self._texture[size][:, shift : shift + width])
+        frame = np.ascontiguousarray(scene[:, shift : shift + width])
         x = (self._n * 12) % max(1, width - 60)
         cv2.rectangle(frame, (x, height // 3), (x + 50, height // 3 + 50), (240, 240, 255), -1)
-        cv2.putText(frame, f"{self._n:06d}", (8, height - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2)
+        white = (255, 255, 255)
+        cv2.putText(frame, f"{self._n:06d}", (8, height - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.6, white, 2)
         return frame
 
 
@@ -1209,12 +1248,11 @@ _XXE = (
     "<tds:FirmwareVersion>1</tds:FirmwareVersion><tds:SerialNumber>1</tds:SerialNumber>"
     "<tds:HardwareId>1</tds:HardwareId></tds:GetDeviceInformationResponse></env:Body></env:Envelope>"
 ).encode()
-_LAUGHS = "".join(
-    f'<!ENTITY lol{i} "{("&lol" + str(i - 1) + ";") * 10}">' for i in range(1, 10)
-).replace("&lol0;" * 10, "lol")
+# lol1 is ten lol0, lol2 ten lol1 ...: &lol9; would expand to 10**9 "lol" (3 GB).
+_LAUGHS = "".join(f'<!ENTITY lol{i} "{f"&lol{i - 1};" * 10}">' for i in range(1, 10))
 _BILLION_LAUGHS = (
     "<?xml version='1.0' encoding='utf-8'?>\n"
-    f"<!DOCTYPE env:Envelope [<!ENTITY lol0 \"lol\">{_LAUGHS}]>\n"
+    f'<!DOCTYPE env:Envelope [<!ENTITY lol0 "lol">{_LAUGHS}]>\n'
     f"<env:Envelope {_NSDECL}><env:Body><tds:GetDeviceInformationResponse>"
     "<tds:Manufacturer>&lol9;</tds:Manufacturer><tds:Model>m</tds:Model>"
     "<tds:FirmwareVersion>1</tds:FirmwareVersion><tds:SerialNumber>1</tds:SerialNumber>"

@@ -20,7 +20,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.errors import OutboxError
-from gateway.events import DeviceKind, DeviceRef, Identity, Observation, Severity, stamp
+from gateway.events import Blob, DeviceKind, DeviceRef, Identity, Observation, Severity, stamp
 from gateway.outbox import ACK_FLUSH_DELAY, SCHEMA_VERSION, Outbox, Row
 
 REPO = Path(__file__).resolve().parents[1]
@@ -884,3 +884,28 @@ async def test_performance_report(tmp_path: Path) -> None:
     assert drained == depth
     assert appends > 1000
     assert drain_rate > 5000
+
+
+async def test_a_blob_takes_no_seq_and_commits_with_its_event(tmp_path: Path) -> None:
+    async with open_outbox(tmp_path / "o.db") as box:
+        first = await box.append(obs("alarm.panic"), ["a"])
+        blob = Blob("snap-1", "snapshot", b"\xff\xd8jpeg\xff\xd9")
+        stored, note = await box.append_many([(blob, ["a", "b"]), (obs("camera.snapshot"), ["a", "b"])])
+        after = await box.append(obs("alarm.intrusion"), ["a"])
+        assert (first.seq, note.seq, after.seq) == (1, 2, 3)  # gapless: the blob took none
+        assert (stored.id, stored.seq, stored.type, stored.payload) == ("snap-1", 0, "snapshot", blob.content)
+        rows = await box.read("a", 0, 10)
+        assert [(r.type, r.event_id, r.seq) for r in rows] == [
+            ("alarm.panic", first.id, 1),
+            ("snapshot", "snap-1", 0),
+            ("camera.snapshot", note.id, 2),
+            ("alarm.intrusion", after.id, 3),
+        ]
+        assert rows[1].payload == blob.content
+    async with open_outbox(tmp_path / "o.db") as box:  # and from disk, after a reopen
+        rows = await box.read("b", 0, 10)
+        assert [(r.type, r.payload if r.type == "snapshot" else b"") for r in rows] == [
+            ("snapshot", blob.content),
+            ("camera.snapshot", b""),
+        ]
+        assert box.last_seq == 3

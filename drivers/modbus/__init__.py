@@ -7,7 +7,7 @@ Usable from a REPL with no daemon::
         print(await box.read_discrete_inputs(0, 8))
 """
 
-from drivers.modbus.errorlog import RepeatedError
+from drivers.errorlog import RepeatedError
 from drivers.modbus.hub import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, HubState, HubStats, ModbusHub
 from drivers.modbus.links import Link, SerialLink, TcpLink
 from drivers.modbus.unit import UnitClient

@@ -48,6 +48,7 @@ class ModbusDeviceConfig(DeviceConfig):
     reconnect_max: float = Field(
         default=5.0, ge=0.1, le=300, description="longest wait between reconnects (s)"
     )
+
     @model_validator(mode="after")
     def _transport_fields(self) -> Self:
         given = self.model_fields_set

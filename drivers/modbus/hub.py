@@ -29,8 +29,8 @@ from typing import Any, Self
 
 import structlog
 
+from drivers.errorlog import RepeatedError
 from drivers.modbus.conn import Broken, Connection
-from drivers.modbus.errorlog import RepeatedError
 from drivers.modbus.links import Link, TcpLink
 from drivers.modbus.pdu import PduError, Reply, Request
 from drivers.modbus.unit import UnitClient

@@ -1,7 +1,7 @@
 """Modbus alarm boxes: one-button emergency alarms, perimeter zones, tamper and end-of-line
 supervision on Modbus TCP / RTU I/O modules, described by profiles (register maps as data)."""
 
-from drivers.modbus.liveness import Presence
+from drivers.liveness import Presence
 from drivers.modbus_alarm.config import AlarmBoxConfig, ZoneOverride
 from drivers.modbus_alarm.driver import AlarmBoxDriver
 from drivers.modbus_alarm.family import AlarmBoxFamily

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from drivers.modbus.liveness import Liveness, Presence
+from drivers.liveness import Liveness, Presence
 from drivers.modbus.pdu import (
     READ_COILS,
     READ_DISCRETE_INPUTS,
@@ -89,7 +89,13 @@ class AlarmBoxDriver(Driver):
         self._sink: EventSink | None = None
         self._lock = asyncio.Lock()  # zone state and its publishing: poll loop vs. reset()
         self._log = structlog.get_logger(__name__).bind(device=config.id)
-        self._liveness = Liveness(self.device, self.status, unit, config.offline_after, self._log)
+        self._liveness = Liveness(
+            self.device,
+            self.status,
+            {"link": unit.hub.link.label, "unit": unit.unit},
+            config.offline_after,
+            self._log,
+        )
         self._ack_until: float | None = None  # loop time at which the lit ack output goes off
 
     async def run(self, sink: EventSink) -> None:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from drivers.modbus.liveness import Liveness, Presence
+from drivers.liveness import Liveness, Presence
 from drivers.modbus.pdu import (
     READ_COILS,
     READ_DISCRETE_INPUTS,
@@ -108,7 +108,13 @@ class BollardDriver(Driver):
         self._interlock = False  # a bollard.interlock is active (presence blocked a rise)
         self._generation = 0  # bumped by every command: a newer command supersedes one in progress
         self._log = structlog.get_logger(__name__).bind(device=config.id)
-        self._liveness = Liveness(self.device, self.status, unit, config.offline_after, self._log)
+        self._liveness = Liveness(
+            self.device,
+            self.status,
+            {"link": unit.hub.link.label, "unit": unit.unit},
+            config.offline_after,
+            self._log,
+        )
 
     @property
     def presence(self) -> Presence:

@@ -114,13 +114,21 @@ TABLE: tuple[TopicRule, ...] = (
         "VideoSource/GlobalSceneChange", TAMPER, Severity.MAJOR, ("State",), data={"cause": "scene_change"}
     ),
     TopicRule(
-        "VideoSource/ImageTooBlurry", IMAGE_QUALITY, Severity.MINOR, ("State",), data={"problem": "too_blurry"}
+        "VideoSource/ImageTooBlurry",
+        IMAGE_QUALITY,
+        Severity.MINOR,
+        ("State",),
+        data={"problem": "too_blurry"},
     ),
     TopicRule(
         "VideoSource/ImageTooDark", IMAGE_QUALITY, Severity.MINOR, ("State",), data={"problem": "too_dark"}
     ),
     TopicRule(
-        "VideoSource/ImageTooBright", IMAGE_QUALITY, Severity.MINOR, ("State",), data={"problem": "too_bright"}
+        "VideoSource/ImageTooBright",
+        IMAGE_QUALITY,
+        Severity.MINOR,
+        ("State",),
+        data={"problem": "too_bright"},
     ),
     # An edge: Data carries the crossing object's id, no state (onvif-parsers: a sensor).
     TopicRule(
@@ -132,7 +140,9 @@ TABLE: tuple[TopicRule, ...] = (
         edge=True,
     ),
     TopicRule("RuleEngine/FieldDetector/ObjectsInside", FIELD_INTRUSION, Severity.MINOR, ("IsInside",)),
-    TopicRule("Device/Trigger/DigitalInput", DIGITAL_INPUT, Severity.MINOR, ("LogicalState",), ("InputToken",)),
+    TopicRule(
+        "Device/Trigger/DigitalInput", DIGITAL_INPUT, Severity.MINOR, ("LogicalState",), ("InputToken",)
+    ),
     # Hikvision's alarm input terminal: tns1:Device/Trigger/tnshik:AlarmIn (onvif-parsers
     # hikvision.py, which calls it "Motion Alarm"; it is the wired alarm input).
     TopicRule("Device/Trigger/AlarmIn", DIGITAL_INPUT, Severity.MINOR, ("State",), ("AlarmInToken",)),
@@ -185,7 +195,7 @@ def match(topic: str) -> TopicRule | None:
 
 
 def parse_bool(value: object) -> bool | None:
-    """"true"/"1"/"active" -> True, "false"/"0"/"inactive" -> False, anything else None."""
+    """ "true"/"1"/"active" -> True, "false"/"0"/"inactive" -> False, anything else None."""
     if isinstance(value, bool):
         return value
     if not isinstance(value, str):

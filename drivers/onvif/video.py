@@ -99,13 +99,14 @@ class VideoCheckConfig(BaseModel):
     )
 
     # Frozen: a still picture is byte-identical to the previous snapshot, or differs by at most
-    # 0.25 grey levels on average *and* has no pixel changed by more than motion_pixel_diff.
-    # A frozen encoder repeats the same bytes, or re-encodes the same picture (differences of
-    # 0-0.6, none large). A live camera differs by more: sensor noise gives 0.5-2 on average,
-    # and the on-screen clock most cameras burn in changes a few dozen pixels by far more than
-    # 25 every second, even when strong noise reduction flattens the rest of a still scene.
+    # 0.1 grey levels on average *and* has no pixel changed by more than motion_pixel_diff.
+    # A frozen camera repeats the same bytes, or re-encodes its last picture (measured: 0.02).
+    # A live camera differs by more: even sensor noise of 0.5 grey levels at full size gives
+    # 0.27 after compression, typical noise 0.5-1, and the on-screen clock most cameras burn in
+    # changes a few dozen pixels by far more than 25 every second. Not caught: a frozen picture
+    # re-encoded at a varying quality (one JPEG quality step: 0.29), as live as noise to this test.
     frozen_max_diff: float = Field(
-        default=0.25, ge=0, le=255, description="mean abs difference at or below: maybe the same picture"
+        default=0.1, ge=0, le=255, description="mean abs difference at or below: maybe the same picture"
     )
     frozen_max_changed: float = Field(
         default=0.0, ge=0, le=1, description="fraction of changed pixels at or below: maybe the same picture"
@@ -444,16 +445,14 @@ class _Debounce:
         self.frames = frames
         self.active_reason: str | None = None
         self._count = 0
-        self._pending: str | None = None
 
     def update(self, reason: str | None) -> tuple[EventState, str] | None:
         """Feed one snapshot's reason (None: good); the transition it completes, if any."""
         if self.active_reason is None:
             if reason is None:
-                self._count, self._pending = 0, None
+                self._count = 0
                 return None
             self._count += 1
-            self._pending = self._pending or reason
             if self._count < self.frames:
                 return None
             self.active_reason, self._count = reason, 0
@@ -464,7 +463,7 @@ class _Debounce:
         self._count += 1
         if self._count < self.frames:
             return None
-        cleared, self.active_reason, self._count, self._pending = self.active_reason, None, 0, None
+        cleared, self.active_reason, self._count = self.active_reason, None, 0
         return EventState.CLEARED, cleared
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping
 from typing import Any
 
-from drivers.modbus.errorlog import RepeatedError
-from drivers.modbus.unit import UnitClient
+from drivers.errorlog import RepeatedError
 from gateway.driver import DeviceStatus, LinkState
 from gateway.errors import DriverError
 from gateway.events import ContactId, DeviceRef, EventSink, Observation, Severity
@@ -26,11 +26,12 @@ class Liveness:
     """Tracks one device's polls; publishes presence changes through the sink it is given."""
 
     def __init__(
-        self, device: DeviceRef, status: DeviceStatus, unit: UnitClient, offline_after: int, log: Any
+        self, device: DeviceRef, status: DeviceStatus, where: Mapping[str, Any], offline_after: int, log: Any
     ) -> None:
+        """``where``: how the device is reached (link, unit, host), added to the presence events."""
         self.device = device
         self.status = status
-        self.unit = unit
+        self.where = dict(where)
         self.offline_after = offline_after
         self.presence = Presence.UNKNOWN
         self._failures = 0
@@ -62,12 +63,7 @@ class Liveness:
             await self._publish(sink, "device.offline", Severity.MAJOR, ContactId.COMM_TROUBLE, str(exc))
 
     async def _publish(self, sink: EventSink, kind: str, severity: Severity, code: int, reason: str) -> None:
-        data = {
-            "contact_id": int(code),
-            "reason": reason,
-            "link": self.unit.hub.link.label,
-            "unit": self.unit.unit,
-        }
+        data = {"contact_id": int(code), "reason": reason, **self.where}
         self.status.detail["presence"] = self.presence.value
         if self.presence is Presence.OFFLINE:
             self._log.warning(kind, reason=reason)

@@ -1,0 +1,57 @@
+"""The onvif_camera driver family: every configured camera, each on sessions of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from drivers.onvif.config import CameraConfig
+from drivers.onvif.driver import CameraDriver
+from gateway.driver import DeviceConfig, DriverContext, DriverFamily
+from gateway.events import DeviceKind
+
+
+class CameraFamily(DriverFamily):
+    name: ClassVar[str] = "onvif_camera"
+    kind: ClassVar[DeviceKind] = DeviceKind.CAMERA
+    device_model: ClassVar[type[DeviceConfig]] = CameraConfig
+
+    def __init__(self, devices: Sequence[DeviceConfig], ctx: DriverContext) -> None:
+        super().__init__(devices, ctx)
+        self.configs = [_own(d) for d in devices]
+        self._drivers: list[CameraDriver] = []
+
+    @classmethod
+    def check(cls, devices: Sequence[DeviceConfig], ctx: DriverContext) -> list[tuple[int, str, str]]:
+        """Password files that do not exist; two cameras at one address."""
+        issues: list[tuple[int, str, str]] = []
+        seen: dict[tuple[str, int], int] = {}
+        for i, dev in enumerate(devices):
+            cfg = _own(dev)
+            if cfg.password_file is not None and not cfg.password_file.is_file():
+                issues.append((i, "password_file", f"no such file: {cfg.password_file}"))
+            key = (cfg.host.lower(), cfg.port)
+            if key in seen:
+                issues.append(
+                    (i, "host", f"{cfg.host}:{cfg.port} is also devices[{seen[key]}] of this family")
+                )
+            seen.setdefault(key, i)
+        return issues
+
+    @property
+    def drivers(self) -> Sequence[CameraDriver]:
+        return self._drivers
+
+    async def __aenter__(self) -> CameraFamily:
+        drivers = []
+        for cfg in self.configs:
+            password = cfg.read_password()
+            drivers.append(CameraDriver(cfg, password.get_secret_value() if password else None))
+        self._drivers = drivers
+        return self
+
+
+def _own(dev: DeviceConfig) -> CameraConfig:
+    if not isinstance(dev, CameraConfig):
+        raise TypeError(f"{dev.id}: not a CameraConfig but {type(dev).__name__}")
+    return dev
