@@ -3,7 +3,7 @@
     python benchmarks/bench_video.py [--quick] [--cameras 50] [--interval 10] [--window 60]
 
 Three measurements, all on synthesized 1280x720 JPEG snapshots (a textured scene with a
-person walking across it, quality 80, about 150-200 KB; snapshots are made before timing):
+person walking across it, quality 80, about 70 KiB; snapshots are made before timing):
 
 * analyze alone: ``drivers.onvif.video.analyze`` in a loop on this thread, ms of CPU
   (thread time) and wall per snapshot: the cost of the checks themselves;

@@ -26,8 +26,9 @@ class CameraConfig(DeviceConfig):
     profile: str | None = Field(default=None, description="media profile token; default: the camera's first")
     events: bool = Field(default=True, description="subscribe to the camera's events (pull-point)")
     # 600 s subscriptions (PT600S), renewed at half their life: a camera that reboots loses
-    # them, and one that is never renewed cleans up after 10 minutes on its own.
-    subscription_seconds: int = Field(default=600, ge=60, le=86400)
+    # them, and one that is never renewed cleans up after 10 minutes on its own. Down to
+    # 10 s for tests and demos (a renew every 5 s).
+    subscription_seconds: int = Field(default=600, ge=10, le=86400)
     # 5 s long poll: an event arrives as soon as the camera has it; a silent camera costs
     # one request every 5 s, and a dead connection is noticed within seconds.
     pull_timeout: float = Field(default=5.0, ge=1, le=60)
