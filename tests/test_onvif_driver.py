@@ -14,7 +14,9 @@ import pytest
 
 from drivers.onvif.config import CameraConfig
 from drivers.onvif.driver import CameraDriver, CameraState
+from drivers.onvif.family import CameraFamily
 from drivers.onvif.pullpoint import PullPointState
+from gateway.driver import DriverContext
 from gateway.events import EventState, Observation, Severity
 from simulators.onvif_camera import OnvifCameraSimulator
 
@@ -175,3 +177,30 @@ async def test_hostile_camera_is_refused_logged_once_and_isolated(tmp_path: Path
             await asyncio.sleep(1.5)
             await evil.set_hostile(None)
             await sink.wait(is_("device.online", device="cam-evil"), within=WAIT)
+
+
+@pytest.mark.parametrize(
+    ("picture", "event_type", "reason"),
+    [
+        ("black", "camera.video_loss", "black"),
+        ("frozen", "camera.video_loss", "frozen"),
+        ("blocked", "camera.tamper", "blocked"),
+    ],
+)
+async def test_bad_pictures_raise_and_clear(
+    tmp_path: Path, sim: OnvifCameraSimulator, picture: str, event_type: str, reason: str
+) -> None:
+    video = {"interval": 1.0, "timeout": 0.8, "debounce_frames": 2, "frozen_after": 1.0, "frozen_frames": 2}
+    cfg = camera(tmp_path, sim, events=False, video=video)
+    async with CameraFamily([cfg], DriverContext()) as family:
+        sink = Sink()
+        (driver,) = family.drivers
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(driver.run(sink))
+            await until(lambda: "video" in driver.status.detail, within=WAIT)
+            await sim.set_picture(picture)
+            raised = await sink.wait(is_(event_type, EventState.ACTIVE), within=15)
+            assert raised.data["reason"] == reason
+            await sim.set_picture("normal")
+            await sink.wait(is_(event_type, EventState.CLEARED), within=15)
+            task.cancel()

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 
+from drivers.onvif.video import VideoCheckConfig
 from gateway.driver import ID_PATTERN, DeviceConfig
 
 _EVIDENCE = re.compile(ID_PATTERN.removesuffix("$") + r"(:\d{1,4})?$")
@@ -40,6 +41,11 @@ class CameraConfig(DeviceConfig):
     timeout: float = Field(default=5.0, gt=0, le=60)
     # Reconnects back off up to 60 s: cheap cameras crash when hammered after a reboot.
     reconnect_max: float = Field(default=60.0, ge=1, le=3600)
+    video: VideoCheckConfig | None = Field(
+        default=None,
+        description="video checks on snapshots (black / frozen / blocked / defocused, optional motion); "
+        "needs the 'video' extra (OpenCV)",
+    )
     evidence_for: tuple[str, ...] = Field(
         default=(),
         description="alarms whose snapshot this camera takes: a device id, or DEVICE:ZONE",

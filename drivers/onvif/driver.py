@@ -16,9 +16,10 @@ from drivers.onvif import topics
 from drivers.onvif.config import CameraConfig
 from drivers.onvif.pullpoint import PullPoint, PullPointState
 from drivers.onvif.session import CameraSession, open_session
+from drivers.onvif.video import FrameStats, UndecodableFrame, VideoChecker, VideoCheckError, VideoMonitor
 from gateway.backoff import Backoff
 from gateway.driver import DeviceStatus, Driver
-from gateway.errors import DeviceUnavailable, DriverError
+from gateway.errors import DeviceProtocolError, DeviceUnavailable, DriverError
 from gateway.events import DeviceKind, DeviceRef, EventSink, Observation
 
 # The first reconnect after a failure comes after 1 s (a camera's web server restarting
@@ -38,9 +39,14 @@ class CameraState(enum.StrEnum):
 class CameraDriver(Driver):
     """Watches one camera until cancelled."""
 
-    def __init__(self, config: CameraConfig, password: str | None) -> None:
+    def __init__(
+        self, config: CameraConfig, password: str | None, checker: VideoChecker | None = None
+    ) -> None:
         self.config = config
-        self.device = DeviceRef(config.id, DeviceKind.CAMERA, config.name, config.location)
+        self._checker = checker
+        self._video = VideoMonitor(self.device_ref(config), config.video) if config.video else None
+        self._frame: FrameStats | None = None
+        self.device = self.device_ref(config)
         self.status = DeviceStatus()
         self.evidence_for = config.evidence_for
         self.state = CameraState.CONNECTING
@@ -52,6 +58,10 @@ class CameraDriver(Driver):
         self._log = structlog.get_logger(__name__).bind(device=config.id)
         where = {"host": config.host, "port": config.port}
         self._liveness = Liveness(self.device, self.status, where, config.offline_after, self._log)
+
+    @staticmethod
+    def device_ref(config: CameraConfig) -> DeviceRef:
+        return DeviceRef(config.id, DeviceKind.CAMERA, config.name, config.location)
 
     @property
     def presence(self) -> Presence:
@@ -103,6 +113,8 @@ class CameraDriver(Driver):
                 tg.create_task(self._health(session, sink), name=f"camera:{self.device.id}:health")
                 if self.config.events:
                     tg.create_task(self._events(session, sink), name=f"camera:{self.device.id}:events")
+                if self._video is not None and self._checker is not None:
+                    tg.create_task(self._watch_video(session, sink), name=f"camera:{self.device.id}:video")
         except* DriverError as group:
             raise group.exceptions[0] from None
 
@@ -113,6 +125,27 @@ class CameraDriver(Driver):
             offset = await session.measure_clock()
             self.status.detail["clock_offset"] = round(offset, 1)
             await self._liveness.ok(sink)
+
+    async def _watch_video(self, session: CameraSession, sink: EventSink) -> None:
+        """A snapshot every ``video.interval`` through the shared checker; transitions published."""
+        cfg, monitor, checker = self.config.video, self._video, self._checker
+        assert cfg is not None  # _serve starts this task only with all three
+        assert monitor is not None
+        assert checker is not None
+        while True:
+            await asyncio.sleep(cfg.interval)
+            jpeg = await session.snapshot(SNAPSHOT_TIMEOUT)
+            try:
+                self._frame = await checker.check(jpeg, self._frame, cfg)
+            except UndecodableFrame as exc:
+                raise DeviceProtocolError(self.device.id, f"snapshot: {exc}") from exc
+            except VideoCheckError as exc:  # timeout or busy: this frame is skipped, the next one tried
+                self._log.warning("video check skipped", reason=str(exc))
+                continue
+            self.status.detail["video"] = {"active": monitor.active, **self._frame.summary()}
+            for obs in monitor.update(self._frame):
+                self._log.info(obs.type, state=obs.state, reason=obs.data.get("reason"))
+                await sink.publish(obs)
 
     async def _events(self, session: CameraSession, sink: EventSink) -> None:
         pull = PullPoint(session, self.config.subscription_seconds, self.config.pull_timeout)

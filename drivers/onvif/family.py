@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import TracebackType
 from typing import ClassVar
 
 from drivers.onvif.config import CameraConfig
 from drivers.onvif.driver import CameraDriver
+from drivers.onvif.video import VideoChecker
 from gateway.driver import DeviceConfig, DriverContext, DriverFamily
 from gateway.events import DeviceKind
 
@@ -20,6 +22,7 @@ class CameraFamily(DriverFamily):
         super().__init__(devices, ctx)
         self.configs = [_own(d) for d in devices]
         self._drivers: list[CameraDriver] = []
+        self._checker: VideoChecker | None = None
 
     @classmethod
     def check(cls, devices: Sequence[DeviceConfig], ctx: DriverContext) -> list[tuple[int, str, str]]:
@@ -43,12 +46,28 @@ class CameraFamily(DriverFamily):
         return self._drivers
 
     async def __aenter__(self) -> CameraFamily:
+        """One shared video checker (a small thread pool) if any camera has video checks."""
+        if any(c.video for c in self.configs):
+            checker = VideoChecker()
+            await checker.__aenter__()  # loads OpenCV: a clear error if the extra is missing
+            self._checker = checker
         drivers = []
         for cfg in self.configs:
             password = cfg.read_password()
-            drivers.append(CameraDriver(cfg, password.get_secret_value() if password else None))
+            secret = password.get_secret_value() if password else None
+            drivers.append(CameraDriver(cfg, secret, self._checker if cfg.video else None))
         self._drivers = drivers
         return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._checker is not None:
+            await self._checker.__aexit__(exc_type, exc, tb)
+            self._checker = None
 
 
 def _own(dev: DeviceConfig) -> CameraConfig:
