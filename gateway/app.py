@@ -28,6 +28,7 @@ from gateway.driver import Driver, DriverFamily, LinkState, Outcome, Verdict
 from gateway.events import DeviceKind, DeviceRef, Event, Identity, Observation, Severity
 from gateway.evidence import Evidence
 from gateway.outbox import Outbox
+from gateway.patrol import Patrol
 from gateway.registry import families
 from gateway.router import Router
 from gateway.sdnotify import Notifier
@@ -90,6 +91,7 @@ class Gateway:
         self.drivers: list[Driver] = []
         self.uplinks: list[Uplink] = []
         self.pipeline: Pipeline | None = None
+        self.patrol: Patrol | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -126,6 +128,7 @@ class Gateway:
                 CommandService(cfg, self.drivers, self.pipeline, self.ref, self.self_test)
             )
             self.pipeline.evidence = await stack.enter_async_context(Evidence(self.drivers, outbox))
+            self.patrol = Patrol(self.drivers, self.pipeline, self.ref, cfg.patrol_interval)
             self.uplinks = [
                 Uplink(
                     u,
@@ -170,13 +173,15 @@ class Gateway:
             devices = [tg.create_task(d.run(sink), name=f"device:{d.device.id}") for d in self.drivers]
             uplinks = [tg.create_task(u.run(), name=f"uplink:{u.name}") for u in self.uplinks]
             watchdog = tg.create_task(self._watchdog(), name="watchdog")
+            assert self.patrol is not None  # run() made it
+            patrol = tg.create_task(self.patrol.run(), name="patrol")
             self.notifier.notify("READY=1\nSTATUS=running")
             self.ready.set()
             log.info("gateway running", devices=len(devices), uplinks=[u.name for u in self.uplinks])
             await self._stop.wait()
             log.info("gateway stopping")
             self.notifier.notify("STOPPING=1")
-            await cancel_and_wait(*devices, timeout=DEVICE_STOP_TIMEOUT)
+            await cancel_and_wait(patrol, *devices, timeout=DEVICE_STOP_TIMEOUT)
             for u in self.uplinks:
                 u.stop()
             await asyncio.wait(uplinks, timeout=UPLINK_STOP_TIMEOUT)
@@ -203,8 +208,10 @@ class Gateway:
         }
 
     async def self_test(self) -> Outcome:
-        """gateway.self_test: every device answering, every uplink connected, the outbox drained."""
+        """gateway.self_test: a patrol now; every device answering, every uplink connected."""
         health = self.health()
+        if self.patrol is not None:
+            health["patrol"] = (await self.patrol.report())["summary"]
         offline = sorted(d.device.id for d in self.drivers if d.status.state is not LinkState.ONLINE)
         down = sorted(u.name for u in self.uplinks if u.state.value != "connected")
         problems = [f"devices not answering: {', '.join(offline)}"] if offline else []

@@ -212,6 +212,9 @@ class GatewayConfig(Model):
     profiles_dir: Path | None = None
     # 30 s heartbeat: the education platform's online check runs every minute or two.
     heartbeat_interval: float = Field(default=30.0, ge=1, le=3600)
+    # 15 min online patrol: the education bureau's rules check every camera a few times an
+    # hour; a snapshot from every camera each time costs little.
+    patrol_interval: float = Field(default=900.0, ge=10, le=86400)
     api: ApiConfig = ApiConfig()
     uplinks: tuple[UplinkConfig, ...] = Field(min_length=1)
     devices: tuple[Annotated[DeviceConfig, Field()], ...] = ()

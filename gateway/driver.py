@@ -121,6 +121,10 @@ class Driver(abc.ABC):
         """Carry out one verified command, bounded in time; device errors become an Outcome."""
         return Outcome(Verdict.REFUSED, "unsupported", f"{self.device.id} does not take {name}")
 
+    def describe(self) -> Mapping[str, Any]:
+        """Driver-specific state for patrol reports and the local API (e.g. a camera's subscription)."""
+        return {}
+
     async def snapshot(self) -> bytes:
         """A picture (JPEG) now, bounded in time; raises a DriverError when there is none."""
         raise DeviceRejected(self.device.id, "this device takes no snapshots")

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import paho.mqtt.publish as mqtt_publish
 import pytest
 
+from gateway.commands.signing import build_command
 from gateway.events import schema
 from simulators.alarm_box import AlarmBoxSimulator
 from simulators.onvif_camera import OnvifCameraSimulator
@@ -102,5 +105,55 @@ async def test_camera_events_and_alarm_evidence(
             order = [m.topic for m in sub.messages]
             assert order.index(f"{BASE}/events/alarm/panic") < order.index(topic)  # the alarm went first
             assert panic["seq"] < note["seq"]
+        finally:
+            await asyncio.to_thread(daemon.stop)
+
+
+async def test_patrol_report_and_self_test(
+    tmp_path: Path, broker: Mosquitto, sims: tuple[OnvifCameraSimulator, AlarmBoxSimulator]
+) -> None:
+    cam, box = sims
+    cfg = config(tmp_path, broker, cam, box)
+    cfg["patrol_interval"] = 10
+    key = tmp_path / "police.key"
+    key.write_text("k" * 40)
+    cfg["uplinks"][0]["commands"] = {"key_file": str(key), "allow": ["gateway.self_test"]}
+    with Subscriber(broker.port, f"{BASE}/#") as sub:
+        daemon = Daemon(tmp_path / "d", cfg)
+        await asyncio.to_thread(daemon.start)
+        try:
+            report = await await_event(sub, "patrol.report", timeout=20)  # the periodic one
+            VALIDATOR.validate(report)
+            (camera,) = report["data"]["cameras"]
+            assert camera["id"] == "cam-gate"
+            assert camera["reachable"] is True
+            assert camera["snapshot_ok"] is True
+            assert camera["snapshot_bytes"] > 0
+            assert camera["subscription"] == "active"
+            assert abs(camera["clock_offset"]) < 5
+            (device,) = report["data"]["devices"]
+            assert (device["id"], device["online"]) == ("box-gate", True)
+            assert report["data"]["summary"] == {
+                "cameras": 1,
+                "cameras_ok": 1,
+                "devices": 1,
+                "devices_online": 1,
+            }
+
+            await box.silent()
+            await cam.reboot(downtime=5.0)
+            sub.messages.clear()
+            cmd = build_command(b"k" * 40, "gateway.self_test", "gateway")
+            await asyncio.to_thread(
+                mqtt_publish.single,
+                f"{BASE}/cmd/gateway.self_test",
+                json.dumps(cmd),
+                1,
+                hostname="127.0.0.1",
+                port=broker.port,
+            )
+            again = await await_event(sub, "patrol.report", timeout=15)
+            assert again["severity"] == "minor"
+            assert again["data"]["cameras"][0]["snapshot_ok"] is False
         finally:
             await asyncio.to_thread(daemon.stop)
