@@ -34,6 +34,7 @@ from gateway.mqtt import MqttConnection
 
 REGION = "530102"
 GATE_UNITS = (1, 2)
+CAMERA_PASSWORD = "demo-camera"  # noqa: S105 - the simulated camera's, on loopback only
 SCHOOL = "demo-school"
 GATEWAY = "gw-demo"
 
@@ -87,8 +88,30 @@ async def embedded_broker() -> AsyncIterator[tuple[str, int]]:
 
 
 def school_config(
-    host: str, port: int, boxes: list[tuple[str, int, str]], gate_port: int, state_dir: Path
+    host: str,
+    port: int,
+    *,
+    boxes: list[tuple[str, int, str]],
+    gate_port: int,
+    state_dir: Path,
+    camera_port: int | None,
 ) -> dict[str, Any]:
+    cameras = []
+    if camera_port is not None:
+        (state_dir / "camera.pw").write_text(CAMERA_PASSWORD)
+        cameras.append(
+            {
+                "id": "cam-gate",
+                "driver": "onvif_camera",
+                "name": "Main gate camera",
+                "location": "Main gate",
+                "host": "127.0.0.1",
+                "port": camera_port,
+                "password_file": str(state_dir / "camera.pw"),
+                "pull_timeout": 2.0,
+                "evidence_for": ["box-1"],  # the main gate's alarm box
+            }
+        )
     bollards = [
         {
             "id": f"bollard-{u}",
@@ -136,7 +159,8 @@ def school_config(
             }
             for box_id, box_port, name in boxes
         ]
-        + bollards,
+        + bollards
+        + cameras,
     }
 
 
@@ -146,6 +170,8 @@ PLACES = ["Main gate guard room", "Kindergarten block", "Dormitory A", "Playgrou
 def _line(platform: str, topic: str, payload: bytes) -> str:
     stamp = time.strftime("%H:%M:%S")
     head = f"{stamp}  {platform:<9}"
+    if "/snapshots/" in topic:
+        return f"{head} {'snapshot (JPEG)':<22} {len(payload)} bytes on .../{topic.split('/', 4)[-1]}"
     if "/cmd-result/" in topic:
         body = json.loads(payload)
         why = f" ({body['reason']}: {body['detail']})" if body.get("reason") else ""
@@ -170,6 +196,8 @@ def _what(event_type: str, data: dict[str, Any]) -> str:
         return f" {data['state']}"
     if event_type in ("bollard.fault", "bollard.interlock"):
         return f" {data.get('text') or data.get('how') or ''}"
+    if event_type == "camera.snapshot":
+        return f" for {data['for_type']} at {data['for_device']}"
     if event_type == "command.result":
         return f" {data['name']} -> {data['target']}: {data['status']}"
     zone = f" zone {data['zone']} {data.get('zone_name', '')}" if "zone" in data else ""
@@ -198,7 +226,7 @@ async def platform_view(host: str, port: int, platform: str, topic: str, out: Ca
 
 
 async def scenario(
-    sims: list[Any], gate: Any, police: Callable[[str, str], Any], out: Callable[[str], None]
+    sims: list[Any], gate: Any, camera: Any, police: Callable[[str, str], Any], out: Callable[[str], None]
 ) -> None:
     """A loop of things that happen at a school, a few seconds apart."""
     steps: list[tuple[float, str, Callable[[], Any]]] = [
@@ -222,6 +250,8 @@ async def scenario(
         (2.0, "The car drives off", lambda: gate.set_loop(False, unit=1)),
         (3.0, "Someone opens the lid of a box (tamper)", lambda: sims[1 % len(sims)].tamper(True)),
         (3.0, "Lid closed", lambda: sims[1 % len(sims)].tamper(False)),
+        (3.0, "Someone walks past the gate camera", lambda: _motion(camera, True)),
+        (2.0, "", lambda: _motion(camera, False)),
         (3.0, "Intrusion zone at the playground", lambda: sims[-1].press(1)),
         (2.0, "Intrusion clears", lambda: sims[-1].release(1)),
         (3.0, "A box loses power (goes silent)", sims[2 % len(sims)].silent),
@@ -235,6 +265,58 @@ async def scenario(
             result = action()
             if asyncio.iscoroutine(result):
                 await result
+
+
+async def _camera(stack: AsyncExitStack) -> Any:
+    """The simulated camera, or None where OpenCV (which draws its pictures) is missing."""
+    try:
+        from simulators.onvif_camera import OnvifCameraSimulator
+    except ImportError:
+        return None
+    return await stack.enter_async_context(OnvifCameraSimulator(user="admin", password=CAMERA_PASSWORD))
+
+
+async def _police_center(
+    stack: AsyncExitStack, host: str, port: int, key: bytes
+) -> Callable[[str, str], Any]:
+    """The police platform's command sender: signs with the demo key, publishes to cmd/{name}."""
+    commander = await stack.enter_async_context(
+        MqttConnection(
+            name="demo-police-commands",
+            host=host,
+            port=port,
+            client_id="demo-police-commands",
+            keepalive=10,
+            connect_timeout=5,
+            max_inflight=10,
+        )
+    )
+    base = f"campus/{REGION}/{SCHOOL}/{GATEWAY}"
+
+    async def police(name: str, target: str) -> None:
+        payload = json.dumps(build_command(key, name, target)).encode()
+        await commander.publish(f"{base}/cmd/{name}", payload)
+
+    return police
+
+
+def _banner(out: Callable[[str], None], where: str, boxes: int, camera: bool, log_path: Path) -> None:
+    cam = (
+        ", 1 ONVIF camera at the main gate" if camera else " (no camera: it needs OpenCV, the 'video' extra)"
+    )
+    out(
+        f"campus-gateway demo: broker {where}, {boxes} alarm boxes, "
+        f"{len(GATE_UNITS)} bollards at the main gate{cam}"
+    )
+    out("  police    subscribes campus/530102/#   (everything)")
+    out("  education subscribes edu/530102/#      (alarms, device and gateway events, minor and up)")
+    out(f"  gateway log: {log_path}")
+    out("")
+
+
+async def _motion(camera: Any, on: bool) -> None:
+    if camera is not None:
+        await camera.emit("tns1:VideoSource/MotionAlarm", data={"State": on})
 
 
 async def run_demo(duration: float, broker: str, boxes: int, state_dir: str) -> None:
@@ -259,34 +341,18 @@ async def run_demo(duration: float, broker: str, boxes: int, state_dir: str) -> 
             sims.append(sim)
             specs.append((f"box-{i + 1}", sim.port, PLACES[i % len(PLACES)]))
         gate = await stack.enter_async_context(BollardSimulator(units=GATE_UNITS))
+        camera = await _camera(stack)
         key = secrets.token_hex(32).encode()
         (Path(tmp) / "police.key").write_bytes(key)
-        cfg = config_mod.parse(school_config(host, port, specs, gate.port, Path(tmp)), "demo")
-        commander = await stack.enter_async_context(
-            MqttConnection(
-                name="demo-police-commands",
-                host=host,
-                port=port,
-                client_id="demo-police-commands",
-                keepalive=10,
-                connect_timeout=5,
-                max_inflight=10,
-            )
+        camera_port = camera.port if camera is not None else None
+        cfg = config_mod.parse(
+            school_config(
+                host, port, boxes=specs, gate_port=gate.port, state_dir=Path(tmp), camera_port=camera_port
+            ),
+            "demo",
         )
-        base = f"campus/{REGION}/{SCHOOL}/{GATEWAY}"
-
-        async def police(name: str, target: str) -> None:
-            payload = json.dumps(build_command(key, name, target)).encode()
-            await commander.publish(f"{base}/cmd/{name}", payload)
-
-        out(
-            f"campus-gateway demo: broker mqtt://{host}:{port}, {len(sims)} alarm boxes, "
-            f"{len(GATE_UNITS)} bollards at the main gate"
-        )
-        out("  police    subscribes campus/530102/#   (everything)")
-        out("  education subscribes edu/530102/#      (alarms, device and gateway events, minor and up)")
-        out(f"  gateway log: {log_path}")
-        out("")
+        police = await _police_center(stack, host, port, key)
+        _banner(out, f"mqtt://{host}:{port}", len(sims), camera is not None, log_path)
         gw = Gateway(cfg)
         async with asyncio.TaskGroup() as tg:
             views = [
@@ -299,7 +365,7 @@ async def run_demo(duration: float, broker: str, boxes: int, state_dir: str) -> 
             ]
             gw_task = tg.create_task(gw.run(), name="gateway")
             await gw.ready.wait()
-            script = tg.create_task(scenario(sims, gate, police, out), name="scenario")
+            script = tg.create_task(scenario(sims, gate, camera, police, out), name="scenario")
             try:
                 if duration > 0:
                     await asyncio.sleep(duration)
