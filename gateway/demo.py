@@ -142,7 +142,10 @@ def school_config(
                 "name": "education",
                 "endpoints": [f"mqtt://{host}:{port}"],
                 "topic_prefix": "edu/{region}",
-                "route": {"types": ["alarm.*", "device.*", "gateway.*"], "min_severity": "minor"},
+                "route": {
+                    "types": ["alarm.*", "device.*", "patrol.*", "camera.*"],
+                    "exclude": ["camera.motion"],
+                },
             },
         ],
         "devices": [
@@ -309,7 +312,7 @@ def _banner(out: Callable[[str], None], where: str, boxes: int, camera: bool, lo
         f"{len(GATE_UNITS)} bollards at the main gate{cam}"
     )
     out("  police    subscribes campus/530102/#   (everything)")
-    out("  education subscribes edu/530102/#      (alarms, device and gateway events, minor and up)")
+    out("  education subscribes edu/530102/#      (alarms, device, camera and patrol events)")
     out(f"  gateway log: {log_path}")
     out("")
 
