@@ -108,6 +108,9 @@ class Attachment:
         }
 
 
+SNAPSHOT = "snapshot"  # the kind (and outbox type) of snapshot Blobs: published on snapshots/{id}
+
+
 @dataclass(frozen=True, slots=True)
 class Blob:
     """Binary content published on a topic of its own (a snapshot: ``snapshots/{id}``).

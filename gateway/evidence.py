@@ -21,7 +21,7 @@ import structlog
 
 from gateway.driver import Driver
 from gateway.errors import DriverError, OutboxError
-from gateway.events import Attachment, Blob, EventState, Observation, Severity, is_alarm_type, uuid7
+from gateway.events import SNAPSHOT, Attachment, Blob, EventState, Observation, Severity, is_alarm_type, uuid7
 from gateway.outbox import Outbox
 from gateway.tasks import cancel_and_wait
 
@@ -31,7 +31,6 @@ log = structlog.get_logger(__name__)
 # dozens of connections to the same few cameras (cheap ones crash); the rest are skipped
 # and counted, the alarms themselves are unaffected.
 MAX_PENDING = 16
-SNAPSHOT_TYPE = "snapshot"
 
 
 class Evidence:
@@ -87,7 +86,7 @@ class Evidence:
             self.failed += 1
             log.warning("snapshot failed", camera=camera.device.id, alarm=event_id, error=str(exc))
             return
-        blob = Blob(uuid7(), SNAPSHOT_TYPE, jpeg)
+        blob = Blob(uuid7(), SNAPSHOT, jpeg)
         attachment = Attachment(
             kind="snapshot",
             camera=camera.device.id,

@@ -28,6 +28,7 @@ from gateway.backoff import Backoff
 from gateway.config import Endpoint, UplinkConfig
 from gateway.errors import OutboxError, UplinkError
 from gateway.events import (
+    SNAPSHOT,
     DeviceKind,
     DeviceRef,
     EventState,
@@ -95,8 +96,6 @@ def _consume(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled():
         fut.exception()
 
-
-SNAPSHOT_TYPE = "snapshot"  # the outbox type of snapshot Blobs: published on snapshots/{id}
 
 CommandSink = Callable[[str, str, bytes, Callable[[str, bytes], None]], None]
 """(uplink name, command topic level, payload, reply(level, payload)): the command service."""
@@ -406,7 +405,7 @@ class Uplink:
     # -- status, heartbeat, trouble -------------------------------------------------------------
 
     def _topic(self, row: Row) -> str:
-        if row.type == SNAPSHOT_TYPE:  # a Blob: binary, on a topic of its own
+        if row.type == SNAPSHOT:  # a Blob: binary, on a topic of its own
             return f"{self.base}/snapshots/{row.event_id}"
         topic = self._topics.get(row.type)
         if topic is None:

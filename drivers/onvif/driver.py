@@ -28,6 +28,8 @@ RECONNECT_INITIAL = 1.0
 # A snapshot for evidence must come quickly or not at all: the alarm has gone out already,
 # and a picture 5 s later still shows the scene.
 SNAPSHOT_TIMEOUT = 5.0
+# Distinct (type, source, rule) states remembered per camera: a few dozen on a real camera.
+MAX_SIGNALS = 1024
 
 
 class CameraState(enum.StrEnum):
@@ -164,6 +166,8 @@ class CameraDriver(Driver):
         if signal is None:
             return  # unknown or unparseable: counted and logged once by topics
         key = (signal.type, signal.source, signal.rule)
+        if len(self._states) >= MAX_SIGNALS and key not in self._states:
+            self._states.clear()  # a camera inventing sources: forget, at worst one repeated event each
         if signal.state is not None:
             before = self._states.get(key)
             self._states[key] = signal.state
