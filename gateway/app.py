@@ -15,13 +15,14 @@ import os
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
 import structlog
 
 from gateway import __version__
+from gateway.api import Api
 from gateway.commands.service import CommandService
 from gateway.config import GatewayConfig
 from gateway.driver import Driver, DriverFamily, LinkState, Outcome, Verdict
@@ -55,12 +56,29 @@ class Pipeline:
         self.evidence: Evidence | None = None
         self.recent: deque[Event] = deque(maxlen=RECENT_EVENTS)
         self.by_type: Counter[str] = Counter()
+        self.listeners: set[asyncio.Queue[Event]] = set()  # live streams of the local API
+        self.dropped = 0  # events a slow live stream missed
+
+    @contextlib.asynccontextmanager
+    async def listen(self, size: int) -> AsyncIterator[asyncio.Queue[Event]]:
+        """A queue that receives every committed event while the context lasts."""
+        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=size)
+        self.listeners.add(queue)
+        try:
+            yield queue
+        finally:
+            self.listeners.discard(queue)
 
     async def publish(self, obs: Observation) -> None:
         targets = self.router.targets(obs)
         event = await self.outbox.append(obs, targets)
         self.recent.append(event)
         self.by_type[obs.type] += 1
+        for queue in self.listeners:
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self.dropped += 1
         if self.evidence is not None and targets:
             self.evidence.trigger(obs, event.id, targets)
 
@@ -92,6 +110,7 @@ class Gateway:
         self.uplinks: list[Uplink] = []
         self.pipeline: Pipeline | None = None
         self.patrol: Patrol | None = None
+        self.commands: CommandService | None = None
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
 
@@ -127,6 +146,7 @@ class Gateway:
             commands = await stack.enter_async_context(
                 CommandService(cfg, self.drivers, self.pipeline, self.ref, self.self_test)
             )
+            self.commands = commands
             self.pipeline.evidence = await stack.enter_async_context(Evidence(self.drivers, outbox))
             self.patrol = Patrol(self.drivers, self.pipeline, self.ref, cfg.patrol_interval)
             self.uplinks = [
@@ -154,6 +174,7 @@ class Gateway:
             # collection never pauses the loop for tens of milliseconds (measured: 41 ms).
             gc.collect()
             gc.freeze()
+            await stack.enter_async_context(Api(self))  # after the uplinks exist: it shows them
             await self._run_tasks(self.pipeline)
 
     async def _enter_families(self, stack: AsyncExitStack) -> Sequence[DriverFamily]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
+from gateway.ctl import add_ctl_parsers
 from gateway.errors import ConfigError
 
 EXIT_OK = 0
@@ -143,6 +144,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sign.add_argument("--id", default=None, help="command id (default: a fresh UUIDv7)")
     sign.add_argument("--issued-at", default=None, help="RFC 3339 issue time (default: now)")
     sign.set_defaults(func=_cmd_sign_command)
+
+    add_ctl_parsers(sub)
 
     for name, (module, func, help_text) in _LAZY.items():
         if name in argv:

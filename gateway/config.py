@@ -32,6 +32,7 @@ from gateway.events import Severity
 from gateway.registry import families
 
 REGION_PATTERN = r"^\d{6}$"  # GB/T 2260 administrative division code
+MIN_TOKEN = 16  # characters of the local API's bearer token: not guessable on a shared box
 
 
 class Model(BaseModel):
@@ -203,7 +204,42 @@ class UplinkConfig(Model):
 
 
 class ApiConfig(Model):
+    """The local API for technicians: a Unix socket (mode 0660; its permissions are the
+    access control), and optionally TCP on loopback, where writes need the bearer token."""
+
     socket: Path | None = Path("/run/campus-gateway/api.sock")
+    tcp: str | None = Field(default=None, description="127.0.0.1:PORT; loopback only")
+    token_file: Path | None = Field(default=None, description="bearer token for writes over TCP")
+
+    @field_validator("tcp")
+    @classmethod
+    def _tcp(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{v!r}: HOST:PORT")
+        if host not in ("127.0.0.1", "::1", "[::1]", "localhost"):
+            raise ValueError(f"{v!r}: the local API listens on loopback only")
+        return v
+
+    @model_validator(mode="after")
+    def _token(self) -> ApiConfig:
+        if self.tcp is not None and self.token_file is None:
+            raise ValueError("api.tcp needs api.token_file (writes over TCP need a bearer token)")
+        return self
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        if self.tcp is None:
+            return None
+        host, _, port = self.tcp.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def read_token(self) -> str | None:
+        if self.token_file is None:
+            return None
+        return self.token_file.read_text(encoding="utf-8").strip()
 
 
 class GatewayConfig(Model):
@@ -290,6 +326,8 @@ def _resolve_paths(core: dict[str, Any], base: Path | None) -> dict[str, Any]:
     if base is None:
         return core
     out = _rebase(core, ("state_dir", "profiles_dir"), base)
+    if isinstance(out.get("api"), dict):
+        out["api"] = _rebase(out["api"], ("socket", "token_file"), base)
     if isinstance(out.get("uplinks"), list):
         ups = []
         for item in out["uplinks"]:
@@ -354,6 +392,12 @@ def _semantic(cfg: GatewayConfig) -> list[tuple[str, str]]:
         if "{region}" in up.topic_prefix and not cfg.identity.region:
             issues.append((f"uplinks[{i}].topic_prefix", "uses {region} but identity.region is not set"))
         issues.extend(_uplink_files(i, up))
+    token = cfg.api.token_file
+    if token is not None:
+        if not token.is_file():
+            issues.append(("api.token_file", f"no such file: {token}"))
+        elif len(token.read_text(encoding="utf-8").strip()) < MIN_TOKEN:
+            issues.append(("api.token_file", f"the token must be at least {MIN_TOKEN} characters"))
     index = {id(d): i for i, d in enumerate(cfg.devices)}
     by_family: dict[str, list[DeviceConfig]] = {}
     for dev in cfg.devices:

@@ -46,6 +46,31 @@ class LinkState(enum.StrEnum):
     OFFLINE = "offline"
 
 
+# Poll latency buckets (seconds): a LAN device answers in 1-20 ms, a busy RS-485 line in
+# tens, a camera in hundreds; the last buckets are the timeouts.
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class Histogram:
+    """Cumulative-ready bucket counts of observed durations (for /metrics)."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, seconds: float) -> None:
+        i = 0
+        for bound in self.bounds:
+            if seconds <= bound:
+                break
+            i += 1
+        self.counts[i] += 1
+        self.total += seconds
+        self.n += 1
+
+
 @dataclass
 class DeviceStatus:
     """Live status of one device; drivers update it, the core reads it."""
@@ -57,6 +82,7 @@ class DeviceStatus:
     polls: int = 0
     poll_errors: int = 0
     detail: dict[str, Any] = field(default_factory=dict)
+    poll_latency: Histogram = field(default_factory=Histogram)
 
     def set_state(self, state: LinkState) -> bool:
         """Set the state; True if it changed."""

@@ -70,6 +70,7 @@ class ContactId(enum.IntEnum):
     LINE_OPEN_RESTORE = 3371
     LINE_SHORT = 1372
     LINE_SHORT_RESTORE = 3372
+    MANUAL_TEST = 1601  # a test report triggered by a person (campus-gateway test-alarm)
 
 
 def restore_code(code: int) -> int:

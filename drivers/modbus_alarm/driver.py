@@ -125,11 +125,13 @@ class AlarmBoxDriver(Driver):
     async def poll(self, sink: EventSink) -> None:
         """One poll: read, update zones, publish. Device errors are handled here."""
         self.status.polls += 1
+        started = time.perf_counter()
         try:
             inputs, analog = await self._read()
         except DriverError as exc:
             await self._liveness.failed(exc, sink)
             return
+        self.status.poll_latency.observe(time.perf_counter() - started)
         await self._liveness.ok(sink)
         if self._ack_until is not None:
             await self._ack_expiry()

@@ -4,6 +4,7 @@ carry out raise / lower / emergency raise, each confirmed by reading the state b
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -136,11 +137,13 @@ class BollardDriver(Driver):
         """Read the controller now and publish what changed; None if it did not answer."""
         async with self._lock:
             self.status.polls += 1
+            started = time.perf_counter()
             try:
                 reading = await self._read()
             except DriverError as exc:
                 await self._liveness.failed(exc, sink)
                 return None
+            self.status.poll_latency.observe(time.perf_counter() - started)
             await self._liveness.ok(sink)
             if reading != self.last:
                 await self._publish_changes(sink, self.last, reading)

@@ -124,7 +124,9 @@ class CameraDriver(Driver):
         while True:
             await asyncio.sleep(self.config.health_interval)
             self.status.polls += 1
+            started = time.perf_counter()
             offset = await session.measure_clock()
+            self.status.poll_latency.observe(time.perf_counter() - started)
             self.status.detail["clock_offset"] = round(offset, 1)
             await self._liveness.ok(sink)
 

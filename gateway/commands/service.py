@@ -14,6 +14,7 @@ A command some target cannot take is refused before anything moves.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -60,6 +61,7 @@ class CommandService:
         self._cache: ReplayCache | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._by_id = {d.device.id: d for d in self.drivers}
+        self.results: Counter[str] = Counter()  # final statuses, for /metrics
 
     @property
     def uplinks(self) -> frozenset[str]:
@@ -181,6 +183,7 @@ class CommandService:
             "detail": detail,
             "results": dict(results),
         }
+        self.results[status.value] += 1
         severity = Severity.INFO if status is Status.DONE else Severity.MINOR
         await self.sink.publish(Observation(self.gateway_ref, "command.result", severity, data=data))
 
