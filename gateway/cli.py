@@ -109,6 +109,32 @@ _LAZY = {
 }
 
 
+def _cmd_completion(args: argparse.Namespace) -> int:
+    """``eval "$(campus-gateway completion bash)"``: subcommands, then each one's options."""
+    parser = build_parser(list(_LAZY))  # every lazy subcommand with its real options
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    cases = []
+    for name, child in sorted(sub.choices.items()):
+        options = sorted(o for a in child._actions for o in a.option_strings)
+        nested = next((a for a in child._actions if isinstance(a, argparse._SubParsersAction)), None)
+        words = options + (sorted(nested.choices) if nested else [])
+        cases.append(f'        {name}) opts="{" ".join(words)}" ;;')
+    names = " ".join(sorted(sub.choices))
+    print(
+        "_campus_gateway() {\n"
+        "    local cur=${COMP_WORDS[COMP_CWORD]} opts\n"
+        '    if [ "$COMP_CWORD" -eq 1 ]; then\n'
+        f'        COMPREPLY=($(compgen -W "{names} --help --version" -- "$cur")); return\n'
+        "    fi\n"
+        "    case ${COMP_WORDS[1]} in\n" + "\n".join(cases) + '\n        *) opts="" ;;\n    esac\n'
+        '    COMPREPLY=($(compgen -W "$opts" -- "$cur"))\n'
+        '    [ ${#COMPREPLY[@]} -eq 0 ] && COMPREPLY=($(compgen -f -- "$cur"))\n'
+        "}\n"
+        "complete -F _campus_gateway campus-gateway"
+    )
+    return EXIT_OK
+
+
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="campus-gateway", description=__doc__)
     parser.add_argument("--version", action="version", version=f"campus-gateway {__version__}")
@@ -146,6 +172,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sign.set_defaults(func=_cmd_sign_command)
 
     add_ctl_parsers(sub)
+    comp = sub.add_parser("completion", help="print a shell completion script (bash)")
+    comp.add_argument("shell", choices=["bash"])
+    comp.set_defaults(func=_cmd_completion, parser=parser)
 
     for name, (module, func, help_text) in _LAZY.items():
         if name in argv:
