@@ -170,6 +170,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sign.add_argument("--id", default=None, help="command id (default: a fresh UUIDv7)")
     sign.add_argument("--issued-at", default=None, help="RFC 3339 issue time (default: now)")
     sign.set_defaults(func=_cmd_sign_command)
+    importlib.import_module("gateway.diagnose").add_diagnose_parsers(sub)  # probe, discover: no daemon needed
 
     add_ctl_parsers(sub)
     comp = sub.add_parser("completion", help="print a shell completion script (bash)")

@@ -12,7 +12,7 @@ from gateway.cli import build_parser, main
 
 COMMANDS = [
     "run", "check-config", "sign-command", "status", "devices", "uplinks", "outbox", "events",
-    "test-alarm", "reset", "completion", "demo", "sim",
+    "test-alarm", "reset", "completion", "probe", "discover", "demo", "sim",
 ]  # fmt: skip
 
 
