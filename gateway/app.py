@@ -210,12 +210,24 @@ class Gateway:
         log.info("gateway stopped")
 
     async def _watchdog(self) -> None:
+        """Ping systemd every WatchdogSec/2 while the event loop runs and the outbox is healthy.
+
+        A blocked loop cannot run this task, so it pings nothing. A dead outbox writer
+        refuses every event, so pings are withheld and systemd restarts the daemon within
+        WatchdogSec; the restart reopens the outbox, and nothing committed is lost.
+        """
         interval = self.notifier.watchdog_interval()
         if interval is None:
             return
+        withheld = False
         while True:
-            # The loop is alive if this task runs; systemd restarts us if it stops running.
-            self.notifier.notify("WATCHDOG=1")
+            outbox = self.pipeline.outbox if self.pipeline is not None else None
+            if outbox is not None and outbox.healthy:
+                self.notifier.notify("WATCHDOG=1")
+            elif not withheld:
+                withheld = True
+                log.error("watchdog: the outbox writer has stopped; no more pings, systemd will restart us")
+                self.notifier.notify("STATUS=outbox writer stopped; waiting for the watchdog restart")
             await asyncio.sleep(interval)
 
     # -- views for uplinks and the local API ---------------------------------------------------

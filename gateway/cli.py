@@ -30,6 +30,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
+    logs.register_config_secrets(cfg)  # their values are masked in every log line from now on
     runner = _loop_factory(args.loop)
     with asyncio.Runner(loop_factory=runner) as loop_runner:
         loop_runner.run(app.serve(cfg))

@@ -564,6 +564,16 @@ class Outbox:
         return self._path
 
     @property
+    def healthy(self) -> bool:
+        """Open, and its writer thread is alive (not crashed, not stopped): the gateway's
+        watchdog pings systemd only while this holds. Failed commits (a full disk) do not
+        make it unhealthy: the writer retries, and a restart would not free the disk."""
+        thread = self._thread
+        return (
+            self._state is _State.OPEN and self._broken is None and thread is not None and thread.is_alive()
+        )
+
+    @property
     def uplinks(self) -> tuple[str, ...]:
         return tuple(self._lanes)
 
