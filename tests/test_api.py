@@ -101,6 +101,7 @@ async def test_cli_commands_as_tables_and_json(
     await asyncio.sleep(1.0)
     sent = await acli("test-alarm", "box-gate", *sock)
     assert sent.returncode == 0, sent.stderr
+    assert "test alarm sent from box-gate" in sent.stdout
     streamed = json.loads((await follow).stdout.splitlines()[0])
     assert streamed["type"] == "alarm.test"
     assert streamed["data"]["contact_id"] == 1601
@@ -120,6 +121,11 @@ async def test_cli_commands_as_tables_and_json(
     done = await acli("reset", "box-gate", *sock, "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["cleared"] == [0]
+    again = await acli("reset", "box-gate", *sock)  # as a table: nothing latched any more
+    assert again.returncode == 0, again.stderr
+    assert "box-gate: done nothing latched" in again.stdout
+    second = json.loads((await acli("test-alarm", "box-gate", *sock, "--json")).stdout)
+    assert second == {"sent": True, "device": "box-gate"}
 
     missing = await acli("status", "--socket", str(tmp_path / "nowhere.sock"))
     assert missing.returncode == 1
