@@ -180,8 +180,8 @@ class Api:
     # -- writes ---------------------------------------------------------------------------
 
     def _authorize(self, request: web.Request) -> None:
-        if request.transport is None or _is_unix(request):
-            return  # the socket's permissions decided already
+        if request.transport is not None and _is_unix(request):
+            return  # the socket's permissions decided already (fail closed without a transport)
         expected = self.token or ""
         given = request.headers.get("Authorization", "")
         if not expected or not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
