@@ -268,3 +268,28 @@ def test_fuzz_no_crash_no_unexpected_write(
             assert len(finals) == len(cases)
 
     asyncio.run(run())
+
+
+class SlowBollard(FakeBollard):
+    async def command(self, name: str, args: Mapping[str, Any]) -> Outcome:
+        self.calls.append((name, dict(args)))
+        await asyncio.sleep(30)  # a long travel, cut short by the shutdown
+        return self.outcome
+
+
+async def test_a_command_cut_short_by_shutdown_ends_failed_and_audited(tmp_path: Path) -> None:
+    cfg = gateway_config(tmp_path)
+    (tmp_path / "state").mkdir()
+    slow = SlowBollard("b1", "main")
+    sink = Sink()
+    replies = Replies()
+    async with CommandService(cfg, [slow], sink, DeviceRef("gw", DeviceKind.GATEWAY), self_test) as svc:
+        cmd = build_command(KEY, "bollard.raise", "b1")
+        svc.submit("police", "bollard.raise", json.dumps(cmd).encode(), replies)
+        async with asyncio.timeout(5):
+            while not slow.calls:  # noqa: ASYNC110 - the command reached the device
+                await asyncio.sleep(0.01)
+    statuses = [(body["status"], body["reason"]) for level, body in replies.got if level == cmd["id"]]
+    assert statuses == [("accepted", None), ("failed", "shutdown")]
+    (audit,) = [e for e in sink.events if e.type == "command.result"]
+    assert (audit.data["status"], audit.data["reason"]) == ("failed", "shutdown")

@@ -26,6 +26,7 @@ from gateway.commands.reply import Status, refusal_payload, result_payload, resu
 from gateway.commands.verify import Command, Refusal, Verifier
 from gateway.config import GatewayConfig
 from gateway.driver import Driver, Outcome, Verdict
+from gateway.errors import OutboxError
 from gateway.events import DeviceRef, EventSink, Observation, Severity
 from gateway.tasks import cancel_and_wait
 
@@ -41,6 +42,8 @@ MAX_RUNNING = 32
 # at most 181 s for a 120 s travel) plus margin. A device that overruns it gets 'failed'.
 COMMAND_LIMIT = 200.0
 GATEWAY_TARGET = "gateway"
+# The audit of a command cut short by shutdown gets 1 s to commit: the stop is bounded (5 s).
+AUDIT_ON_SHUTDOWN = 1.0
 
 
 class CommandService:
@@ -132,7 +135,11 @@ class CommandService:
         else:
             log.info("command accepted", uplink=cmd.uplink, id=cmd.id, name=cmd.name, target=cmd.target)
             reply(level, result_payload(cmd.id, cmd.name, Status.ACCEPTED))
-            outcomes = await self._execute(cmd, targets)
+            try:
+                outcomes = await self._execute(cmd, targets)
+            except asyncio.CancelledError:  # the gateway is stopping: the final word is 'failed'
+                await self._interrupted(cmd, reply)
+                raise
             status, reason, detail = _aggregate(outcomes)
             results = {dev: _result(o) for dev, o in outcomes.items()}
         log.info(
@@ -141,6 +148,20 @@ class CommandService:
         reply(level, result_payload(cmd.id, cmd.name, status, reason=reason, detail=detail, results=results))
         who = {"id": cmd.id, "name": cmd.name, "target": cmd.target, "uplink": cmd.uplink}
         await self._audit(who, status, reason, detail, results)
+
+    async def _interrupted(self, cmd: Command, reply: Reply) -> None:
+        """A command cut short by shutdown: reply (if the uplink still can) and audit it durably."""
+        detail = "the gateway stopped before the command ended; check the devices' state"
+        reply(
+            result_topic_level(cmd.id),
+            result_payload(cmd.id, cmd.name, Status.FAILED, reason="shutdown", detail=detail),
+        )
+        who = {"id": cmd.id, "name": cmd.name, "target": cmd.target, "uplink": cmd.uplink}
+        try:
+            async with asyncio.timeout(AUDIT_ON_SHUTDOWN):
+                await self._audit(who, Status.FAILED, "shutdown", detail, {})
+        except (TimeoutError, OutboxError) as exc:
+            log.exception("command audit lost at shutdown", id=cmd.id, error=str(exc) or "timeout")
 
     def _resolve(self, cmd: Command) -> list[Driver] | Outcome | None:
         """The drivers a command addresses (None: the gateway itself), or why it is refused."""
