@@ -40,6 +40,7 @@ STREAM_QUEUE = 1000
 # SSE keep-alive comment every 15 s: proxies and idle-timeouts keep the stream open.
 STREAM_KEEPALIVE = 15.0
 MAX_BODY = 16 * 1024  # writes carry a few fields
+SHUTDOWN_TIMEOUT = 1.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -72,7 +73,11 @@ class Api:
     async def __aenter__(self) -> Api:
         if self.cfg.socket is None and self.cfg.tcp is None:
             return self
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # 1 s for open requests at shutdown: a technician's endless event stream must not hold
+        # up the stop (aiohttp's default waits 60 s, beyond systemd's stop timeout).
+        runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+        )
         await runner.setup()
         try:
             if self.cfg.socket is not None:

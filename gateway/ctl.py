@@ -22,6 +22,8 @@ from typing import Any
 
 import aiohttp
 
+from gateway.errors import ConfigError
+
 DEFAULT_SOCKET = Path("/run/campus-gateway/api.sock")
 # 10 s per request: the daemon answers in milliseconds; a daemon that does not is reported.
 REQUEST_TIMEOUT = 10.0
@@ -148,6 +150,9 @@ def _run(args: argparse.Namespace, coro: Callable[[Client], Any]) -> int:
         return EXIT_FAILURE
     except OSError as exc:  # an unreadable token file
         print(f"campus-gateway {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:  # --config names a missing or invalid file
+        print(exc.render(), file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,14 @@ def test_bash_completion_completes_commands_and_options() -> None:
     assert out == ["devices", "--follow", "bollard"]
     parser = build_parser(["demo", "sim"])
     assert "demo" in parser.format_help()
+
+
+def test_a_bad_config_for_the_socket_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bad.yaml").write_text("identity: [")
+    assert main(["status", "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "invalid YAML" in err
+    assert "Traceback" not in err
+    assert main(["devices", "--config", str(tmp_path / "missing.yaml")]) == 2

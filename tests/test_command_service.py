@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import config
-from gateway.commands.service import CommandService
+from gateway.commands.service import MAX_RUNNING, CommandService
 from gateway.commands.signing import build_command
 from gateway.driver import DeviceStatus, Driver, Outcome, Verdict
 from gateway.events import DeviceKind, DeviceRef, EventSink, Observation
@@ -293,3 +293,34 @@ async def test_a_command_cut_short_by_shutdown_ends_failed_and_audited(tmp_path:
     assert statuses == [("accepted", None), ("failed", "shutdown")]
     (audit,) = [e for e in sink.events if e.type == "command.result"]
     assert (audit.data["status"], audit.data["reason"]) == ("failed", "shutdown")
+
+
+async def test_busy_refusal_names_the_command_and_is_audited(tmp_path: Path) -> None:
+    cfg = gateway_config(tmp_path)
+    (tmp_path / "state").mkdir()
+    slow = [SlowBollard(f"b{i}", "main") for i in range(MAX_RUNNING)]
+    sink = Sink()
+    async with CommandService(cfg, slow, sink, DeviceRef("gw", DeviceKind.GATEWAY), self_test) as svc:
+        for i in range(MAX_RUNNING):
+            svc.submit(
+                "police",
+                "bollard.raise",
+                json.dumps(build_command(KEY, "bollard.raise", f"b{i}")).encode(),
+                Replies(),
+            )
+        async with asyncio.timeout(5):
+            while sum(len(d.calls) for d in slow) < MAX_RUNNING:  # noqa: ASYNC110 - all running
+                await asyncio.sleep(0.01)
+        extra = build_command(KEY, "bollard.raise", "b0")
+        replies = Replies()
+        svc.submit("police", "bollard.raise", json.dumps(extra).encode(), replies)
+        await sink.wait_results(1)
+        ((level, body),) = replies.got
+        assert (level, body["id"], body["status"], body["reason"]) == (
+            extra["id"],
+            extra["id"],
+            "refused",
+            "busy",
+        )
+        (audit,) = [e for e in sink.events if e.type == "command.result"]
+        assert (audit.data["id"], audit.data["reason"]) == (extra["id"], "busy")

@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from drivers.onvif.session import CameraSession
-from gateway.errors import DriverError
+from gateway.errors import DeviceProtocolError, DriverError
 
 log = structlog.get_logger(__name__)
 
@@ -80,7 +80,13 @@ class PullPoint:
             "CreatePullPointSubscription",
             events.CreatePullPointSubscription({"InitialTerminationTime": f"PT{self.seconds}S"}),
         )
-        address = result.SubscriptionReference.Address._value_1  # zeep's text of an AnyURI
+        address = _address(result)
+        if not address.startswith(("http://", "https://")):
+            # The camera made a subscription we cannot address: it expires by itself.
+            raise DeviceProtocolError(
+                self.session.device_id,
+                f"CreatePullPointSubscription: no usable subscription address ({address!r})",
+            )
         cam.xaddrs["http://www.onvif.org/ver10/events/wsdl/PullPointSubscription"] = cam.rewrite_url(address)
         self._subscription = await self.session.call(
             "subscription service", cam.create_subscription_service("PullPointSubscription")
@@ -122,3 +128,11 @@ class PullPoint:
         finally:
             self._subscription = self._pullpoint = None
             self.state = PullPointState.IDLE
+
+
+def _address(result: Any) -> str:
+    """The subscription reference address of a CreatePullPointSubscription answer ('' if none)."""
+    reference = getattr(result, "SubscriptionReference", None)
+    address = getattr(reference, "Address", None)
+    value = getattr(address, "_value_1", address)  # zeep's text of an AnyURI
+    return value.strip() if isinstance(value, str) else ""

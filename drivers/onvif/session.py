@@ -176,10 +176,21 @@ class CameraSession:
         """GetSystemDateAndTime without authentication: the camera's clock offset in seconds."""
         devicemgmt = await self.call("device service", self.camera.create_devicemgmt_service())
         answer = await self.call("GetSystemDateAndTime", devicemgmt.authless_GetSystemDateAndTime())
-        d = answer.UTCDateTime
-        cam = dt.datetime(
-            d.Date.Year, d.Date.Month, d.Date.Day, d.Time.Hour, d.Time.Minute, d.Time.Second, tzinfo=dt.UTC
-        )
+        try:
+            d = answer.UTCDateTime  # optional in the schema: a camera may leave it out
+            cam = dt.datetime(
+                d.Date.Year,
+                d.Date.Month,
+                d.Date.Day,
+                d.Time.Hour,
+                d.Time.Minute,
+                d.Time.Second,
+                tzinfo=dt.UTC,
+            )
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise DeviceProtocolError(
+                self.device_id, f"GetSystemDateAndTime: no usable UTC time ({exc})"
+            ) from exc
         return (cam - dt.datetime.now(dt.UTC)).total_seconds()
 
     async def snapshot(self, timeout: float) -> bytes:

@@ -14,6 +14,7 @@ A command some target cannot take is refused before anything moves.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
@@ -23,6 +24,7 @@ import structlog
 
 from gateway.commands.replay import ReplayCache
 from gateway.commands.reply import Status, refusal_payload, result_payload, result_topic_level
+from gateway.commands.signing import valid_id, valid_name
 from gateway.commands.verify import Command, Refusal, Verifier
 from gateway.config import GatewayConfig
 from gateway.driver import Driver, Outcome, Verdict
@@ -38,10 +40,13 @@ SelfTest = Callable[[], Awaitable[Outcome]]
 # At most this many commands in progress: a lockdown is one command however many bollards
 # it moves; a platform flooding the gateway gets 'busy' refusals instead of unbounded tasks.
 MAX_RUNNING = 32
+# Audits of 'busy' refusals in flight at most: beyond, a flood is only counted and logged.
+MAX_AUDITS = 256
 # Every command ends within this: the longest device bound (a bollard's travel x 1.5 + 1 s,
 # at most 181 s for a 120 s travel) plus margin. A device that overruns it gets 'failed'.
 COMMAND_LIMIT = 200.0
 GATEWAY_TARGET = "gateway"
+PEEK_MAX = 65536  # a busy refusal reads no bigger payload (the verifier would refuse it anyway)
 # The audit of a command cut short by shutdown gets 1 s to commit: the stop is bounded (5 s).
 AUDIT_ON_SHUTDOWN = 1.0
 
@@ -65,6 +70,7 @@ class CommandService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._by_id = {d.device.id: d for d in self.drivers}
         self.results: Counter[str] = Counter()  # final statuses, for /metrics
+        self._audits: set[asyncio.Task[None]] = set()  # audits of 'busy' refusals
 
     @property
     def uplinks(self) -> frozenset[str]:
@@ -90,7 +96,7 @@ class CommandService:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await cancel_and_wait(*self._tasks)
+        await cancel_and_wait(*self._tasks, *self._audits)
         if self._cache is not None:
             await self._cache.__aexit__(exc_type, exc, tb)
             self._cache = None
@@ -101,14 +107,32 @@ class CommandService:
         if verifier is None:
             return  # not subscribed for this uplink; a stray message is not a command
         if len(self._tasks) >= MAX_RUNNING:
-            log.warning("command refused: busy", uplink=uplink, running=len(self._tasks))
-            reply(result_topic_level(None), result_payload(None, None, Status.REFUSED, reason="busy"))
+            self._busy(uplink, payload, reply)
             return
         task = asyncio.get_running_loop().create_task(
             self._handle(verifier, topic_name, payload, reply), name=f"command:{uplink}:{topic_name}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _busy(self, uplink: str, payload: bytes, reply: Reply) -> None:
+        """Refuse without verifying (too many running); reply under the command's id if it has one."""
+        command_id, name = _peek(payload)
+        log.warning("command refused: busy", uplink=uplink, id=command_id, running=len(self._tasks))
+        detail = f"{len(self._tasks)} commands in progress; send it again later"
+        reply(
+            result_topic_level(command_id),
+            result_payload(command_id, name, Status.REFUSED, reason="busy", detail=detail),
+        )
+        if len(self._audits) >= MAX_AUDITS:
+            self.results["refused"] += 1  # counted in /metrics; too many to audit one by one
+            return
+        who = {"id": command_id, "name": name, "target": None, "uplink": uplink}
+        audit = asyncio.get_running_loop().create_task(
+            self._audit(who, Status.REFUSED, "busy", detail, {}), name=f"command-audit:{uplink}"
+        )
+        self._audits.add(audit)
+        audit.add_done_callback(self._audits.discard)
 
     async def _handle(self, verifier: Verifier, topic_name: str, payload: bytes, reply: Reply) -> None:
         checked = await verifier.verify(payload, topic_name)
@@ -207,6 +231,21 @@ class CommandService:
         self.results[status.value] += 1
         severity = Severity.INFO if status is Status.DONE else Severity.MINOR
         await self.sink.publish(Observation(self.gateway_ref, "command.result", severity, data=data))
+
+
+def _peek(payload: bytes) -> tuple[str | None, str | None]:
+    """The id and name of a command not verified yet, if they are well formed (for the reply only)."""
+    try:
+        body = json.loads(payload) if len(payload) <= PEEK_MAX else None
+    except (ValueError, UnicodeDecodeError):
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    command_id, name = body.get("id"), body.get("name")
+    return (
+        command_id if isinstance(command_id, str) and valid_id(command_id) else None,
+        name if isinstance(name, str) and valid_name(name) else None,
+    )
 
 
 async def _bounded(aw: Awaitable[Outcome]) -> Outcome:
