@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,43 @@ async def test_bad_pictures_raise_and_clear(
             await sim.set_picture("normal")
             await sink.wait(is_(event_type, EventState.CLEARED), within=15)
             task.cancel()
+
+
+class _NoClock(OnvifCameraSimulator):
+    """After connecting, answers GetSystemDateAndTime without UTCDateTime (optional in the
+    schema): the driver's own health check reads it, not the library."""
+
+    calls = 0
+
+    async def _get_system_date_and_time(self, el: Any, sid: Any) -> str:
+        ok: str = await super()._get_system_date_and_time(el, sid)
+        self.calls += 1
+        if self.calls <= 2:  # the connect-time clock handshake
+            return ok
+        i, j = ok.index("<tt:UTCDateTime>"), ok.index("</tt:UTCDateTime>") + len("</tt:UTCDateTime>")
+        return ok[:i] + ok[j:]
+
+
+class _NoAddress(OnvifCameraSimulator):
+    """Answers CreatePullPointSubscription without a subscription reference."""
+
+    async def _create_pull_point(self, el: Any, sid: Any) -> str:
+        ok: str = await super()._create_pull_point(el, sid)
+        return re.sub(r"<tev:SubscriptionReference>.*?</tev:SubscriptionReference>", "", ok, flags=re.S)
+
+
+@pytest.mark.parametrize("odd", [_NoClock, _NoAddress])
+async def test_an_odd_camera_answer_is_a_device_error_not_a_crash(
+    tmp_path: Path, odd: type[OnvifCameraSimulator]
+) -> None:
+    async with (
+        odd(user="admin", password=PASSWORD) as sim,
+        running([camera(tmp_path, sim, events=odd is _NoAddress)]) as ((driver,), _),
+    ):
+        await until(
+            lambda: driver.status.poll_errors >= 1, within=3 * WAIT
+        )  # the health check (5 s) or subscribe
+        error = driver.status.last_error or ""
+        assert "no usable UTC time" in error or "subscription address" in error, error  # a DeviceProtocolError
+        await asyncio.sleep(1.5)  # it keeps retrying, the task alive (a crash would end the TaskGroup)
+        assert driver.state in (CameraState.BACKING_OFF, CameraState.CONNECTING, CameraState.CONNECTED)
