@@ -242,6 +242,7 @@ async def test_an_odd_camera_answer_is_a_device_error_not_a_crash(
             lambda: driver.status.poll_errors >= 1, within=3 * WAIT
         )  # the health check (5 s) or subscribe
         error = driver.status.last_error or ""
-        assert "no usable UTC time" in error or "subscription address" in error, error  # a DeviceProtocolError
+        # a DeviceProtocolError, converted at the driver edge
+        assert "no usable UTC time" in error or "subscription address" in error, error
         await asyncio.sleep(1.5)  # it keeps retrying, the task alive (a crash would end the TaskGroup)
         assert driver.state in (CameraState.BACKING_OFF, CameraState.CONNECTING, CameraState.CONNECTED)
