@@ -27,7 +27,8 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from simulators.modbus_faults import FaultMode, FaultProxy
+from simulators.control import bad_request, body_bool, body_opt_int, json_body
+from simulators.modbus_faults import FaultMode, FaultProxy, ProxiedSimulator
 
 FC_COILS = 1
 FC_DISCRETE_INPUTS = 2
@@ -39,7 +40,7 @@ FC_WRITE_COILS = 15
 LINE_OHMS = {"normal": 4700, "alarm": 9400, "short": 50, "open": 65535}
 
 
-class AlarmBoxSimulator:
+class AlarmBoxSimulator(ProxiedSimulator):
     """One or more unit ids on one simulated link."""
 
     def __init__(
@@ -151,33 +152,6 @@ class AlarmBoxSimulator:
                     values[i] = forced[address + i]
         return None
 
-    # ---- where things are --------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The public Modbus TCP port."""
-        return self._proxy.port if self._proxy else self._port
-
-    @property
-    def control_port(self) -> int | None:
-        if self._runner is None:
-            return None
-        return int(self._runner.addresses[0][1])
-
-    @property
-    def proxy(self) -> FaultProxy:
-        if self._proxy is None:
-            raise RuntimeError("simulator not running")
-        return self._proxy
-
-    def requests(self, unit: int | None = None, function_code: int | None = None) -> int:
-        """Requests received (while the port was open), optionally of one unit / function code."""
-        return sum(
-            n
-            for (u, fc), n in self.proxy.requests.items()
-            if (unit is None or u == unit) and (function_code is None or fc == function_code)
-        )
-
     # ---- inputs ----------------------------------------------------------------------
 
     async def set_input(self, i: int, value: bool, *, unit: int | None = None) -> None:
@@ -230,28 +204,7 @@ class AlarmBoxSimulator:
         else:
             forced[address] = value
 
-    # ---- faults ----------------------------------------------------------------------
-
-    async def silent(self) -> None:
-        await self.proxy.set_mode(FaultMode.SILENT)
-
-    async def garbage(self) -> None:
-        await self.proxy.set_mode(FaultMode.GARBAGE)
-
-    async def drop(self) -> None:
-        await self.proxy.set_mode(FaultMode.DROP)
-
-    async def slow(self, delay: float) -> None:
-        await self.proxy.set_mode(FaultMode.SLOW, delay)
-
-    async def close_port(self) -> None:
-        await self.proxy.set_mode(FaultMode.CLOSED)
-
-    async def open_port(self) -> None:
-        await self.proxy.set_mode(FaultMode.NORMAL)
-
-    async def normal(self) -> None:
-        await self.proxy.set_mode(FaultMode.NORMAL)
+    # ---- faults: silent(), garbage(), drop(), slow(), close_port(), normal() (ProxiedSimulator)
 
     async def state(self) -> dict[str, Any]:
         units: dict[str, Any] = {}
@@ -295,7 +248,7 @@ class AlarmBoxSimulator:
     # ---- HTTP control API ------------------------------------------------------------
 
     def _control_app(self) -> web.Application:
-        app = web.Application(middlewares=[_bad_request])
+        app = web.Application(middlewares=[bad_request])
         app.router.add_get("/state", self._http_state)
         app.router.add_post("/inputs/{i}", self._http_input)
         app.router.add_post("/tamper", self._http_tamper)
@@ -308,23 +261,25 @@ class AlarmBoxSimulator:
         return web.json_response(await self.state())
 
     async def _http_input(self, request: web.Request) -> web.Response:
-        body = await _body(request)
-        await self.set_input(int(request.match_info["i"]), _bool(body, "active"), unit=_opt_int(body, "unit"))
+        body = await json_body(request)
+        await self.set_input(
+            int(request.match_info["i"]), body_bool(body, "active"), unit=body_opt_int(body, "unit")
+        )
         return web.json_response(await self.state())
 
     async def _http_tamper(self, request: web.Request) -> web.Response:
-        body = await _body(request)
-        await self.tamper(_bool(body, "on"), unit=_opt_int(body, "unit"))
+        body = await json_body(request)
+        await self.tamper(body_bool(body, "on"), unit=body_opt_int(body, "unit"))
         return web.json_response(await self.state())
 
     async def _http_line(self, request: web.Request) -> web.Response:
-        body = await _body(request)
+        body = await json_body(request)
         state = str(body.get("state"))  # set_line names the allowed states if this is none of them
-        await self.set_line(int(request.match_info["zone"]), state, unit=_opt_int(body, "unit"))
+        await self.set_line(int(request.match_info["zone"]), state, unit=body_opt_int(body, "unit"))
         return web.json_response(await self.state())
 
     async def _http_fault(self, request: web.Request) -> web.Response:
-        body = await _body(request)
+        body = await json_body(request)
         mode = FaultMode(str(body.get("mode")))
         delay = body.get("delay", 0.0)
         if not isinstance(delay, int | float) or not 0 <= delay <= 60:
@@ -333,45 +288,12 @@ class AlarmBoxSimulator:
         return web.json_response(await self.state())
 
     async def _http_force(self, request: web.Request) -> web.Response:
-        body = await _body(request)
+        body = await json_body(request)
         value = body.get("value")
         if value is not None and not isinstance(value, bool):
             raise ValueError("'value' must be true, false or null")
-        self.force_output(int(request.match_info["address"]), value, unit=_opt_int(body, "unit"))
+        self.force_output(int(request.match_info["address"]), value, unit=body_opt_int(body, "unit"))
         return web.json_response(await self.state())
-
-
-@web.middleware
-async def _bad_request(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        response: web.StreamResponse = await handler(request)
-    except ValueError as exc:  # bad JSON, a bad field, an index out of range, an unknown mode
-        return web.json_response({"error": str(exc)}, status=400)
-    return response
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError as exc:
-        raise ValueError(f"body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ValueError("body must be a JSON object")  # noqa: TRY004 - answered as 400
-    return body
-
-
-def _bool(body: dict[str, Any], key: str) -> bool:
-    value = body.get(key)
-    if not isinstance(value, bool):
-        raise ValueError(f"{key!r} must be true or false")  # noqa: TRY004 - answered as 400
-    return value
-
-
-def _opt_int(body: dict[str, Any], key: str) -> int | None:
-    value = body.get(key)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{key!r} must be an integer")
-    return value
 
 
 def _round16(n: int) -> int:

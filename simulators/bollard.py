@@ -72,7 +72,8 @@ from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from simulators.modbus_faults import FaultMode, FaultProxy
+from simulators.control import bad_request, body_bool, json_body
+from simulators.modbus_faults import FaultMode, FaultProxy, ProxiedSimulator
 
 FC_DISCRETE_INPUTS = 2
 FC_HOLDING_REGISTERS = 3
@@ -144,7 +145,7 @@ class _Bollard:
         return ir, [self.loop, self.photocell]
 
 
-class BollardSimulator:
+class BollardSimulator(ProxiedSimulator):
     """One or more bollard controllers (unit ids) on one simulated link."""
 
     def __init__(
@@ -283,32 +284,7 @@ class BollardSimulator:
         self._spawn(self._publish(unit))
         return None
 
-    # ---- where things are --------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The public Modbus TCP port."""
-        return self._proxy.port if self._proxy else self._port
-
-    @property
-    def control_port(self) -> int | None:
-        if self._runner is None:
-            return None
-        return int(self._runner.addresses[0][1])
-
-    @property
-    def proxy(self) -> FaultProxy:
-        if self._proxy is None:
-            raise RuntimeError("simulator not running")
-        return self._proxy
-
-    def requests(self, unit: int | None = None, function_code: int | None = None) -> int:
-        """Requests received (while the port was open), optionally of one unit / function code."""
-        return sum(
-            n
-            for (u, fc), n in self.proxy.requests.items()
-            if (unit is None or u == unit) and (function_code is None or fc == function_code)
-        )
+    # ---- where things are (port, control_port, requests: ProxiedSimulator) ------------
 
     def command_writes(self, unit: int | None = None) -> int:
         """Writes of the command register that reached the PLC (accepted, ignored or refused)."""
@@ -353,27 +329,6 @@ class BollardSimulator:
         await self._change(unit, jam=on)
 
     # ---- transport faults --------------------------------------------------------------
-
-    async def silent(self) -> None:
-        await self.proxy.set_mode(FaultMode.SILENT)
-
-    async def garbage(self) -> None:
-        await self.proxy.set_mode(FaultMode.GARBAGE)
-
-    async def drop(self) -> None:
-        await self.proxy.set_mode(FaultMode.DROP)
-
-    async def slow(self, delay: float) -> None:
-        await self.proxy.set_mode(FaultMode.SLOW, delay)
-
-    async def close_port(self) -> None:
-        await self.proxy.set_mode(FaultMode.CLOSED)
-
-    async def open_port(self) -> None:
-        await self.proxy.set_mode(FaultMode.NORMAL)
-
-    async def normal(self) -> None:
-        await self.proxy.set_mode(FaultMode.NORMAL)
 
     # ---- snapshots -------------------------------------------------------------------
 
@@ -490,7 +445,7 @@ class BollardSimulator:
     # ---- HTTP control API ------------------------------------------------------------
 
     def _control_app(self) -> web.Application:
-        app = web.Application(middlewares=[_bad_request])
+        app = web.Application(middlewares=[bad_request])
         app.router.add_get("/state", self._http_state)
         app.router.add_post("/loop", self._http_loop)
         app.router.add_post("/photocell", self._http_photocell)
@@ -518,17 +473,17 @@ class BollardSimulator:
 
     async def _http_loop(self, request: web.Request) -> web.Response:
         unit = self._query_unit(request)
-        await self.set_loop(_bool(await _body(request), "occupied"), unit=unit)
+        await self.set_loop(body_bool(await json_body(request), "occupied"), unit=unit)
         return web.json_response(await self.state(unit))
 
     async def _http_photocell(self, request: web.Request) -> web.Response:
         unit = self._query_unit(request)
-        await self.set_photocell(_bool(await _body(request), "blocked"), unit=unit)
+        await self.set_photocell(body_bool(await json_body(request), "blocked"), unit=unit)
         return web.json_response(await self.state(unit))
 
     async def _http_mode(self, request: web.Request) -> web.Response:
         unit = self._query_unit(request)
-        mode = (await _body(request)).get("mode")
+        mode = (await json_body(request)).get("mode")
         if mode not in ("local", "remote"):
             raise ValueError(f"'mode' must be 'local' or 'remote', not {mode!r}")
         await self.set_mode(mode, unit=unit)
@@ -536,25 +491,25 @@ class BollardSimulator:
 
     async def _http_controller_fault(self, request: web.Request) -> web.Response:
         unit = self._query_unit(request)
-        on = _bool(await _body(request), "on")
+        on = body_bool(await json_body(request), "on")
         await self.fault(request.match_info["name"], on, unit=unit)
         return web.json_response(await self.state(unit))
 
     async def _http_jam(self, request: web.Request) -> web.Response:
         unit = self._query_unit(request)
-        await self.jam(_bool(await _body(request), "on"), unit=unit)
+        await self.jam(body_bool(await json_body(request), "on"), unit=unit)
         return web.json_response(await self.state(unit))
 
     async def _http_command(self, request: web.Request) -> web.Response:
         unit = self._query_unit(request)
-        command = (await _body(request)).get("command")
+        command = (await json_body(request)).get("command")
         if isinstance(command, bool) or not isinstance(command, int):
             raise ValueError("'command' must be 0, 1 or 2")  # noqa: TRY004 - answered as 400
         await self.operate(command, unit=unit)
         return web.json_response(await self.state(unit))
 
     async def _http_fault(self, request: web.Request) -> web.Response:
-        body = await _body(request)
+        body = await json_body(request)
         mode = body.get("mode")
         if mode not in [m.value for m in FaultMode]:  # a list: the value may be unhashable
             raise ValueError(f"'mode' must be one of {', '.join(FaultMode)}, not {mode!r}")
@@ -563,32 +518,6 @@ class BollardSimulator:
             raise ValueError("'delay' must be 0..60 seconds")
         await self.proxy.set_mode(FaultMode(mode), float(delay))
         return web.json_response(await self.link_state())
-
-
-@web.middleware
-async def _bad_request(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        response: web.StreamResponse = await handler(request)
-    except ValueError as exc:  # bad JSON, a bad field, an unknown unit, fault or mode
-        return web.json_response({"error": str(exc)}, status=400)
-    return response
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError as exc:
-        raise ValueError(f"body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ValueError("body must be a JSON object")  # noqa: TRY004 - answered as 400
-    return body
-
-
-def _bool(body: dict[str, Any], key: str) -> bool:
-    value = body.get(key)
-    if not isinstance(value, bool):
-        raise ValueError(f"{key!r} must be true or false")  # noqa: TRY004 - answered as 400
-    return value
 
 
 def _direction(b: _Bollard) -> State:

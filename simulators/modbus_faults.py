@@ -13,6 +13,8 @@ import enum
 from collections import Counter
 from collections.abc import Collection
 
+from aiohttp import web
+
 MBAP_HEADER = 7
 # Junk that can never be taken for a reply: bytes 2-3 (the MBAP protocol id) are not 0.
 JUNK = b"\x13\x37GARBAGE\xff\x00\x01"
@@ -169,3 +171,60 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
 def exception_reply(request: bytes, code: int) -> bytes:
     """A Modbus exception response to an MBAP request."""
     return request[:4] + b"\x00\x03" + bytes([request[6], request[7] | 0x80, code])
+
+
+class ProxiedSimulator:
+    """What a Modbus simulator behind a :class:`FaultProxy` offers: where it listens, its
+    request counts, and the transport faults. The simulator sets ``_port`` (the requested
+    public port), ``_proxy`` (while running) and ``_runner`` (its HTTP control API)."""
+
+    _port: int
+    _proxy: FaultProxy | None
+    _runner: web.AppRunner | None
+
+    @property
+    def port(self) -> int:
+        """The public Modbus TCP port."""
+        return self._proxy.port if self._proxy else self._port
+
+    @property
+    def control_port(self) -> int | None:
+        if self._runner is None:
+            return None
+        return int(self._runner.addresses[0][1])
+
+    @property
+    def proxy(self) -> FaultProxy:
+        if self._proxy is None:
+            raise RuntimeError("simulator not running")
+        return self._proxy
+
+    def requests(self, unit: int | None = None, function_code: int | None = None) -> int:
+        """Requests received (while the port was open), optionally of one unit / function code."""
+        return sum(
+            n
+            for (u, fc), n in self.proxy.requests.items()
+            if (unit is None or u == unit) and (function_code is None or fc == function_code)
+        )
+
+    async def silent(self) -> None:
+        """Accept, never answer."""
+        await self.proxy.set_mode(FaultMode.SILENT)
+
+    async def garbage(self) -> None:
+        await self.proxy.set_mode(FaultMode.GARBAGE)
+
+    async def drop(self) -> None:
+        await self.proxy.set_mode(FaultMode.DROP)
+
+    async def slow(self, delay: float) -> None:
+        await self.proxy.set_mode(FaultMode.SLOW, delay)
+
+    async def close_port(self) -> None:
+        await self.proxy.set_mode(FaultMode.CLOSED)
+
+    async def open_port(self) -> None:
+        await self.proxy.set_mode(FaultMode.NORMAL)
+
+    async def normal(self) -> None:
+        await self.proxy.set_mode(FaultMode.NORMAL)

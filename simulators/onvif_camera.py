@@ -78,6 +78,8 @@ import numpy as np
 from aiohttp import web
 from lxml import etree  # type: ignore[import-untyped,unused-ignore]  # typed or not, by lxml version
 
+from simulators.control import bad_request, body_bool, json_body
+
 # ---- namespaces ----------------------------------------------------------------------
 
 NS_ENV = "http://www.w3.org/2003/05/soap-envelope"
@@ -1078,7 +1080,7 @@ class OnvifCameraSimulator:
     # ---- HTTP control API ------------------------------------------------------------
 
     def _control_app(self) -> web.Application:
-        app = web.Application(middlewares=[_bad_request])
+        app = web.Application(middlewares=[bad_request])
         app.router.add_get("/state", self._http_state)
         app.router.add_post("/emit", self._http_emit)
         app.router.add_post("/reboot", self._http_reboot)
@@ -1096,7 +1098,7 @@ class OnvifCameraSimulator:
         return web.json_response(self.state())
 
     async def _http_emit(self, request: web.Request) -> web.Response:
-        body = await _body(request)
+        body = await json_body(request)
         topic = body.get("topic")
         if not isinstance(topic, str):
             raise ValueError("'topic' must be a string like 'tns1:VideoSource/MotionAlarm'")  # noqa: TRY004
@@ -1119,36 +1121,36 @@ class OnvifCameraSimulator:
         return web.json_response({"delivered": delivered})
 
     async def _http_reboot(self, request: web.Request) -> web.Response:
-        downtime = (await _body(request)).get("downtime", 1.5)
+        downtime = (await json_body(request)).get("downtime", 1.5)
         _check_number(downtime, "downtime", 0, MAX_DOWNTIME)
         await self.reboot(float(downtime))
         return web.json_response(self.state())
 
     async def _http_clock(self, request: web.Request) -> web.Response:
-        await self.set_clock_skew((await _body(request)).get("skew"))  # type: ignore[arg-type]  # checked
+        await self.set_clock_skew((await json_body(request)).get("skew"))  # type: ignore[arg-type]  # checked
         return web.json_response(self.state())
 
     async def _http_delay(self, request: web.Request) -> web.Response:
-        await self.set_delay((await _body(request)).get("seconds"))  # type: ignore[arg-type]  # checked
+        await self.set_delay((await json_body(request)).get("seconds"))  # type: ignore[arg-type]  # checked
         return web.json_response(self.state())
 
     async def _http_picture(self, request: web.Request) -> web.Response:
-        mode = (await _body(request)).get("mode")
+        mode = (await json_body(request)).get("mode")
         if mode not in PICTURE_MODES:
             raise ValueError(f"'mode' must be one of {', '.join(PICTURE_MODES)}, not {mode!r}")
         await self.set_picture(mode)
         return web.json_response(self.state())
 
     async def _http_renew(self, request: web.Request) -> web.Response:
-        await self.refuse_renew(_bool(await _body(request), "refuse"))
+        await self.refuse_renew(body_bool(await json_body(request), "refuse"))
         return web.json_response(self.state())
 
     async def _http_limit(self, request: web.Request) -> web.Response:
-        await self.set_max_subscriptions((await _body(request)).get("limit"))  # type: ignore[arg-type]
+        await self.set_max_subscriptions((await json_body(request)).get("limit"))  # type: ignore[arg-type]
         return web.json_response(self.state())
 
     async def _http_hostile(self, request: web.Request) -> web.Response:
-        body = await _body(request)
+        body = await json_body(request)
         if "mode" not in body:
             raise ValueError(f"'mode' must be one of {', '.join(HOSTILE_MODES)} or null")
         mode = body["mode"]
@@ -1158,11 +1160,11 @@ class OnvifCameraSimulator:
         return web.json_response(self.state())
 
     async def _http_malformed(self, request: web.Request) -> web.Response:
-        await self.set_malformed_faults(_bool(await _body(request), "on"))
+        await self.set_malformed_faults(body_bool(await json_body(request), "on"))
         return web.json_response(self.state())
 
     async def _http_fail(self, request: web.Request) -> web.Response:
-        body = await _body(request)
+        body = await json_body(request)
         operation = body.get("operation")
         if not isinstance(operation, str):
             raise ValueError("'operation' must be an operation name like 'GetServices'")  # noqa: TRY004
@@ -1335,29 +1337,3 @@ def _check_state_style(style: Any) -> None:
 def _check_number(value: Any, name: str, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
         raise ValueError(f"{name!r} must be a number {low:g}..{high:g}")
-
-
-@web.middleware
-async def _bad_request(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        response: web.StreamResponse = await handler(request)
-    except ValueError as exc:  # bad JSON, a bad field, a bad mode
-        return web.json_response({"error": str(exc)}, status=400)
-    return response
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError as exc:
-        raise ValueError(f"body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ValueError("body must be a JSON object")  # noqa: TRY004 - answered as 400
-    return body
-
-
-def _bool(body: dict[str, Any], key: str) -> bool:
-    value = body.get(key)
-    if not isinstance(value, bool):
-        raise ValueError(f"{key!r} must be true or false")  # noqa: TRY004 - answered as 400
-    return value
