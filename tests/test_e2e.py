@@ -82,6 +82,29 @@ def committed_seq(state_dir: Path) -> int:
     return int(row[0])
 
 
+async def settled_seq(state_dir: Path) -> int:
+    """The committed seq once the last flip's debounce and commit are done: unchanged for 0.3 s."""
+    last, same = committed_seq(state_dir), 0
+    for _ in range(100):  # bounded: 10 s
+        await asyncio.sleep(0.1)
+        seq = committed_seq(state_dir)
+        same = same + 1 if seq == last else 0
+        last = seq
+        if same >= 3:
+            return seq
+    raise AssertionError("the daemon kept committing events")
+
+
+async def saved(broker: Mosquitto) -> None:
+    """Until the broker has autosaved its persistence file (the sessions in it)."""
+    path = broker.workdir / "mosquitto.db"
+    for _ in range(100):  # bounded: 10 s; autosave_interval is 1 s
+        if path.exists() and path.stat().st_size > 0:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{path}: no autosave")
+
+
 @pytest.fixture
 def brokers(tmp_path: Path) -> Iterator[tuple[Mosquitto, Mosquitto]]:
     police = Mosquitto(tmp_path / "police", persistence=True, extra_conf=PERSIST).start()
@@ -193,8 +216,7 @@ async def test_kill9_during_burst_with_one_broker_down_loses_nothing(
         edu.start()
         e_sub = Subscriber(edu.port, EDU_TOPIC, client_id="edu-platform").start()
 
-        await asyncio.sleep(0.5)  # the last flip's debounce and commit
-        last_seq = committed_seq(tmp_path / "state")  # WAL: readable while the daemon runs
+        last_seq = await settled_seq(tmp_path / "state")  # WAL: readable while the daemon runs
 
         def drained(msgs: list[Received]) -> bool:
             return set(first_seen_seqs(events_of(msgs))) >= set(range(1, last_seq + 1))
@@ -230,7 +252,7 @@ async def test_frozen_broker_then_killed_and_restarted_loses_nothing(
     try:
         await asyncio.to_thread(daemon.start)
         await await_event(p_sub, "gateway.started")
-        await asyncio.sleep(1.2)  # past one autosave: the platform's subscription is on disk
+        await saved(police)  # the platform's subscription is on disk (autosave)
         stop = asyncio.Event()
         burst = asyncio.create_task(_burst(sim, stop, period=0.35))
         await asyncio.sleep(0.5)
@@ -240,8 +262,7 @@ async def test_frozen_broker_then_killed_and_restarted_loses_nothing(
         police.start()
         stop.set()
         flips = await burst
-        await asyncio.sleep(0.5)  # the last flip's debounce and commit
-        last_seq = committed_seq(tmp_path / "state")
+        last_seq = await settled_seq(tmp_path / "state")
 
         def drained(msgs: list[Received]) -> bool:
             return set(first_seen_seqs(events_of(msgs))) >= set(range(1, last_seq + 1))
