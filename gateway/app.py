@@ -31,7 +31,7 @@ from gateway.evidence import Evidence
 from gateway.outbox import Outbox
 from gateway.patrol import Patrol
 from gateway.registry import families
-from gateway.router import Router
+from gateway.router import Router, ack_filter
 from gateway.sdnotify import Notifier
 from gateway.tasks import cancel_and_wait
 from gateway.uplink import Uplink
@@ -138,13 +138,16 @@ class Gateway:
                     self.identity,
                     {u.name: u.outbox_max_rows for u in cfg.uplinks},
                     on_shed=self._on_shed,
+                    ack_filter=ack_filter(cfg.uplinks),
                 )
             )
             self.pipeline = Pipeline(outbox, Router.from_uplinks(cfg.uplinks))
             for fam in await self._enter_families(stack):
                 self.drivers.extend(fam.drivers)
             commands = await stack.enter_async_context(
-                CommandService(cfg, self.drivers, self.pipeline, self.ref, self.self_test)
+                CommandService(
+                    cfg, self.drivers, self.pipeline, self.ref, self.self_test, acknowledge=self.acknowledge
+                )
             )
             self.commands = commands
             self.pipeline.evidence = await stack.enter_async_context(Evidence(self.drivers, outbox))
@@ -232,6 +235,15 @@ class Gateway:
 
     # -- views for uplinks and the local API ---------------------------------------------------
 
+    async def acknowledge(self, uplink: str, event_id: str) -> Outcome:
+        """The platform of ``uplink`` acknowledged ``event_id`` (alarm.ack): recorded durably."""
+        acks = next((u.acks for u in self.uplinks if u.name == uplink), None)
+        if acks is None:
+            return Outcome(
+                Verdict.DONE, None, f"uplink {uplink} does not track acknowledgements", {"ack": "untracked"}
+            )
+        return await acks.acknowledge(event_id)
+
     def birth(self) -> dict[str, Any]:
         return {
             "version": __version__,
@@ -266,6 +278,8 @@ class Gateway:
                     "state": u.state.value,
                     "depth": outbox.depth(u.name) if outbox else None,
                     "oldest_age": outbox.oldest_age(u.name) if outbox else None,
+                    "platform": u.presence.state.value,
+                    "awaiting_ack": u.acks.pending if u.acks is not None else None,
                 }
                 for u in self.uplinks
             },

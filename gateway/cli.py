@@ -107,6 +107,11 @@ def _cmd_sign_command(args: argparse.Namespace) -> int:
 _LAZY = {
     "demo": ("gateway.demo", "add_demo_parser", "the whole system on this machine, simulated"),
     "sim": ("simulators.cli", "add_sim_parser", "run a hardware simulator"),
+    "console": (
+        "gateway.console.cli",
+        "add_console_parser",
+        "a reference platform console: alarms live, ack",
+    ),
 }
 
 

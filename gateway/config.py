@@ -149,6 +149,45 @@ class CommandsConfig(Model):
         return load_key(self.key_file)
 
 
+class PlatformConfig(Model):
+    """The platform behind an uplink: its presence and its acknowledgements of critical alarms.
+
+    A PUBACK only says the broker took a message (DESIGN.md, Guarantees); these settings let
+    the gateway know the platform itself is there and has seen what matters.
+    """
+
+    # The platform's retained presence topic, {"online": bool, "timestamp": ms}, which it
+    # sets to offline with its own will (Sparkplug B's primary host STATE). While it is not
+    # online the uplink keeps its events in the outbox. None: publish whenever connected.
+    presence_topic: str | None = None
+    # Alarm types re-notified until the platform answers alarm.ack for the event id (patterns
+    # with *, as in route.types); only their active events. Empty: no re-notification.
+    ack_types: tuple[str, ...] = ("alarm.panic",)
+    # 30 s between re-notifications: an operator answers a panic within a minute; a lost
+    # first copy is then repeated before the 30 s ack deadline's trouble is even raised.
+    renotify_interval: float = Field(default=30.0, ge=0.5, le=3600)
+    # 20 repeats (10 min at 30 s): long past any operator's reaction; then trouble is raised.
+    renotify_limit: int = Field(default=20, ge=0, le=10_000)
+    # An alarm the platform has not acknowledged this long after it happened is trouble
+    # (the rules: the center sees an alarm within seconds; 30 s covers the operator's click).
+    ack_deadline: float = Field(default=30.0, gt=0, le=3600)
+
+    @field_validator("presence_topic")
+    @classmethod
+    def _presence(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "#+") or "\x00" in v):
+            raise ValueError("a topic name without wildcards")
+        return v
+
+    @field_validator("ack_types")
+    @classmethod
+    def _ack_types(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            if not re.fullmatch(r"alarm\.[a-z0-9_.*]+", p):
+                raise ValueError(f"{p!r}: ack_types are alarm types (alarm.panic, alarm.*)")
+        return v
+
+
 class UplinkConfig(Model):
     name: str = Field(pattern=ID_PATTERN)
     endpoints: tuple[Endpoint, ...] = Field(min_length=1, description="primary first, then backups")
@@ -174,6 +213,16 @@ class UplinkConfig(Model):
     # Per-uplink outbox bound (rows); when full the lowest priority, oldest, non-alarm rows go.
     outbox_max_rows: int = Field(default=200_000, ge=100)
     commands: CommandsConfig = CommandsConfig()
+    platform: PlatformConfig | None = None
+
+    @model_validator(mode="after")
+    def _acks_need_commands(self) -> UplinkConfig:
+        if self.platform is not None and self.platform.ack_types and "alarm.ack" not in self.commands.allow:
+            raise ValueError(
+                "platform.ack_types needs commands.allow to include alarm.ack (and a key_file):"
+                " the platform acknowledges with a signed alarm.ack; or set ack_types: []"
+            )
+        return self
 
     @field_validator("endpoints", mode="before")
     @classmethod

@@ -94,8 +94,12 @@ def show_status(data: dict[str, Any]) -> str:
         f"devices: {devices['total']} total, {devices.get('online', 0)} online, "
         f"{devices.get('offline', 0)} offline",
     ]
-    rows = [[name, u["state"], u["depth"], u["oldest_age"]] for name, u in data["uplinks"].items()]
-    lines.append(table(["uplink", "state", "outbox depth", "oldest unsent (s)"], rows))
+    rows = [
+        [name, u["state"], u.get("platform"), u["depth"], u["oldest_age"], _or_dash(u.get("awaiting_ack"))]
+        for name, u in data["uplinks"].items()
+    ]
+    header = ["uplink", "state", "platform", "outbox depth", "oldest unsent (s)", "awaiting ack"]
+    lines.append(table(header, rows))
     return "\n".join(lines)
 
 
@@ -116,11 +120,31 @@ def show_devices(data: list[dict[str, Any]]) -> str:
 
 
 def show_uplinks(data: list[dict[str, Any]]) -> str:
-    rows = [
-        [u["name"], u["state"], u.get("endpoint"), u["depth"], u["oldest_age"], u.get("connects")]
-        for u in data
-    ]
-    return table(["uplink", "state", "endpoint", "outbox depth", "oldest unsent (s)", "connects"], rows)
+    rows = []
+    for u in data:
+        platform = u.get("platform") or {}
+        presence = platform.get("presence")
+        if presence not in (None, "disabled"):
+            presence = f"{presence} since {_ago(platform.get('since'))}"
+        rows.append(
+            [
+                u["name"],
+                u["state"],
+                u.get("endpoint"),
+                presence,
+                u["depth"],
+                u["oldest_age"],
+                _or_dash(platform.get("awaiting_ack")),
+                u.get("connects"),
+            ]
+        )
+    header = ["uplink", "state", "endpoint", "platform", "outbox depth", "oldest unsent (s)", "awaiting ack"]
+    return table([*header, "connects"], rows)
+
+
+def _or_dash(value: object) -> object:
+    """A column an uplink without that feature has no value for."""
+    return "-" if value is None else value
 
 
 def show_outbox(data: dict[str, Any]) -> str:

@@ -3,8 +3,10 @@
 An embedded MQTT broker (amqtt) on a free loopback port (or ``--broker URL``), a
 simulated school (alarm boxes, and two anti-ram bollards at the main gate), the
 gateway with two uplinks (police and education) and a live view of what each
-platform receives. A scripted scenario presses buttons, has the police center
-acknowledge the alarm and lock the gate down with signed commands, resets latches,
+platform receives: the police alarm center is the reference console (``campus-gateway
+console``) acknowledging every panic alarm by itself. A scripted scenario presses buttons,
+shows the round trip (button, alarm at the police, signed acknowledgement, the box's ack
+output lit), has the police center lock the gate down with signed commands, resets latches,
 shows the bollard interlock refusing a raise over a waiting car, opens a box's lid
 and silences a box, so something happens without input.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import secrets
 import socket
@@ -30,6 +33,8 @@ from gateway import logs
 from gateway.app import Gateway
 from gateway.commands import KNOWN_COMMANDS
 from gateway.commands.signing import build_command
+from gateway.console import Console, ConsoleOptions, HumanView
+from gateway.console.options import BrokerUrl
 from gateway.mqtt import MqttConnection
 
 REGION = "530102"
@@ -37,6 +42,7 @@ GATE_UNITS = (1, 2)
 CAMERA_PASSWORD = "demo-camera"  # noqa: S105 - the simulated camera's, on loopback only
 SCHOOL = "demo-school"
 GATEWAY = "gw-demo"
+PRESENCE = "campus-platform/police/state"
 
 
 def add_demo_parser(subparsers: Any) -> None:
@@ -137,6 +143,12 @@ def school_config(
                 "endpoints": [f"mqtt://{host}:{port}"],
                 "topic_prefix": "campus/{region}",
                 "commands": {"key_file": str(state_dir / "police.key"), "allow": sorted(KNOWN_COMMANDS)},
+                # The police console's presence gates delivery; panics wait for its alarm.ack.
+                "platform": {
+                    "presence_topic": PRESENCE,
+                    "ack_types": ["alarm.panic"],
+                    "renotify_interval": 10,
+                },
             },
             {
                 "name": "education",
@@ -234,11 +246,7 @@ async def scenario(
     """A loop of things that happen at a school, a few seconds apart."""
     steps: list[tuple[float, str, Callable[[], Any]]] = [
         (2.0, "Panic button pressed at the main gate", lambda: sims[0].press(0)),
-        (
-            1.0,
-            "Police center acknowledges (alarm.ack: the box's LED lights)",
-            lambda: police("alarm.ack", "box-1"),
-        ),
+        (1.5, "", lambda: _ack_led(sims[0], out)),
         (
             1.0,
             "Police center locks the gate down (emergency raise, signed)",
@@ -311,10 +319,39 @@ def _banner(out: Callable[[str], None], where: str, boxes: int, camera: bool, lo
         f"campus-gateway demo: broker {where}, {boxes} alarm boxes, "
         f"{len(GATE_UNITS)} bollards at the main gate{cam}"
     )
-    out("  police    subscribes campus/530102/#   (everything)")
+    out("  police    the reference console on campus/530102/# (everything), acknowledging panics")
     out("  education subscribes edu/530102/#      (alarms, device, camera and patrol events)")
     out(f"  gateway log: {log_path}")
     out("")
+
+
+async def _ack_led(box: Any, out: Callable[[str], None]) -> None:
+    lit = await box.coil(0)
+    state = "lit: the police has seen the alarm" if lit else "still off (no acknowledgement yet)"
+    out(f"{time.strftime('%H:%M:%S')}  >>> box-1's ack LED is {state}")
+
+
+async def police_console(host: str, port: int, key: bytes, out: Callable[[str], None]) -> None:
+    """The police alarm center: the reference console, acknowledging every panic by itself."""
+    view = HumanView(io.StringIO())
+
+    def show(record: dict[str, Any]) -> None:
+        if record.get("kind") in ("heartbeat", "presence"):
+            return
+        line = view.render(record)
+        if line is not None:  # the view's own clock (with milliseconds) leads the line: ours instead
+            out(f"{time.strftime('%H:%M:%S')}  {'police':<9} {line.split(' ', 1)[-1]}")
+
+    options = ConsoleOptions(
+        broker=BrokerUrl(host, port, tls=False),
+        topics=(f"campus/{REGION}/#",),
+        platform="police",
+        presence_topic=PRESENCE,
+        client_id="demo-police-console",
+        key=key,
+        auto_ack=True,
+    )
+    await Console(options, show).run()
 
 
 async def _motion(camera: Any, on: bool) -> None:
@@ -359,9 +396,7 @@ async def run_demo(duration: float, broker: str, boxes: int, state_dir: str) -> 
         gw = Gateway(cfg)
         async with asyncio.TaskGroup() as tg:
             views = [
-                tg.create_task(
-                    platform_view(host, port, "police", f"campus/{REGION}/#", out), name="view:police"
-                ),
+                tg.create_task(police_console(host, port, key, out), name="view:police"),
                 tg.create_task(
                     platform_view(host, port, "education", f"edu/{REGION}/#", out), name="view:edu"
                 ),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from gateway.acks import Presence
 from gateway.driver import LinkState
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ class GatewayCollector:
         yield from self._devices()
         yield from self._events()
         yield from self._uplinks()
+        yield from self._platforms()
         yield from self._commands()
 
     def _devices(self) -> Iterator[Any]:
@@ -89,6 +91,37 @@ class GatewayCollector:
                 if recent:
                     latency.add_metric([u.name, str(q)], recent[min(len(recent) - 1, int(q * len(recent)))])
         yield from (depth, age, connected, connects, published, latency)
+
+    def _platforms(self) -> Iterator[Any]:
+        """Presence of each uplink's platform and its acknowledgements of critical alarms."""
+        presence = GaugeMetricFamily(
+            f"{PREFIX}_platform_presence",
+            "1 for the platform's current presence (disabled, unknown, online, offline)",
+            labels=["uplink", "presence"],
+        )
+        awaiting = GaugeMetricFamily(
+            f"{PREFIX}_alarms_awaiting_ack",
+            "critical alarms the platform has not acknowledged",
+            labels=["uplink"],
+        )
+        renotified = CounterMetricFamily(
+            f"{PREFIX}_alarm_renotifications", "re-notifications of unacknowledged alarms", labels=["uplink"]
+        )
+        acked = CounterMetricFamily(
+            f"{PREFIX}_alarm_acks", "alarms the platform acknowledged", labels=["uplink"]
+        )
+        expired = CounterMetricFamily(
+            f"{PREFIX}_alarm_ack_expired", "alarms given up after renotify_limit repeats", labels=["uplink"]
+        )
+        for u in self.gw.uplinks:
+            for state in Presence:
+                presence.add_metric([u.name, state.value], 1.0 if u.presence.state is state else 0.0)
+            if u.acks is not None:
+                awaiting.add_metric([u.name], u.acks.pending)
+                renotified.add_metric([u.name], u.acks.stats.renotified)
+                acked.add_metric([u.name], u.acks.stats.acked)
+                expired.add_metric([u.name], u.acks.stats.expired)
+        yield from (presence, awaiting, renotified, acked, expired)
 
     def _commands(self) -> Iterator[Any]:
         commands = CounterMetricFamily(f"{PREFIX}_commands", "commands by final status", labels=["status"])

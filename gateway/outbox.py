@@ -61,7 +61,7 @@ from typing import Any, Final, Self, TypeAlias
 import structlog
 
 from gateway.errors import OutboxError
-from gateway.events import Blob, Event, Identity, Observation, Severity, is_alarm_type, stamp
+from gateway.events import Blob, Event, EventState, Identity, Observation, Severity, is_alarm_type, stamp
 
 log = structlog.get_logger(__name__)
 
@@ -152,7 +152,25 @@ _V2: Final = (
 )
 # Ordered: MIGRATIONS[n - 1] takes a database from user_version n - 1 to n. Never edit a
 # shipped entry; add one.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2)
+# v3: the ledger of critical alarms awaiting the platform's alarm.ack (DESIGN.md, Guarantees),
+# written in the transaction of the event itself, so an alarm is never delivered without it.
+_V3: Final = (
+    """CREATE TABLE awaiting (
+        uplink TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        row INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        created REAL NOT NULL,
+        payload BLOB NOT NULL,
+        repeats INTEGER NOT NULL DEFAULT 0,
+        troubled INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL DEFAULT 'awaiting',
+        settled REAL,
+        PRIMARY KEY (uplink, event_id)
+    ) WITHOUT ROWID""",
+)
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 _INSERT: Final = (
@@ -167,6 +185,10 @@ _UPSERT_CURSOR: Final = (
     "INSERT INTO cursor (uplink, acked) VALUES (?, ?)"
     " ON CONFLICT (uplink) DO UPDATE SET acked = max(acked, excluded.acked)"
 )
+_INSERT_AWAITING: Final = (
+    "INSERT OR IGNORE INTO awaiting (uplink, event_id, row, seq, type, created, payload)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 _SEVERITIES: Final = {s.value: s for s in Severity}
 _INSERT_VALUES: Final = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _UPDATE_META: Final = (
@@ -174,6 +196,8 @@ _UPDATE_META: Final = (
 )
 
 ShedCallback: TypeAlias = Callable[[str, int, Mapping[str, int]], None]
+AckFilter: TypeAlias = Callable[[str, str], bool]
+"""(uplink, event type) -> the uplink's platform must acknowledge such an alarm."""
 _InsertRow: TypeAlias = tuple[int, str, str, int, str, str, int, float, bytes]
 
 
@@ -186,6 +210,49 @@ def _insert_statement(rows: int) -> str:
 def shed_class(event_type: str, severity: Severity) -> int:
     """The shedding class of a row: its severity rank, or :data:`ALARM_CLASS` for alarms."""
     return ALARM_CLASS if is_alarm_type(event_type) else severity.rank
+
+
+class Settled(enum.StrEnum):
+    """How a ledger entry ended: the platform acknowledged it, or re-notification gave up."""
+
+    ACKED = "acked"
+    EXPIRED = "expired"
+
+
+@dataclass(slots=True)
+class Awaiting:
+    """A critical alarm its uplink's platform has not acknowledged yet (the ack ledger).
+
+    ``rowid`` is the event's outbox row for the uplink: the broker has it once the uplink's
+    cursor passed it. ``repeats`` counts re-notifications sent; ``troubled`` says the ack
+    deadline's trouble event was raised for it.
+    """
+
+    uplink: str
+    event_id: str
+    rowid: int
+    seq: int
+    type: str
+    created: float
+    payload: bytes
+    repeats: int = 0
+    troubled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What :meth:`Outbox.settle` found: the entry it closed (None if none was open), how the
+    event had been settled before (None if never), and whether its ack deadline had passed."""
+
+    entry: Awaiting | None
+    previous: Settled | None
+    troubled: bool
+
+
+# Settled ledger entries are kept this long (an ack for them is then answered "already")
+# and at most this many per uplink in memory: an alarm center acks within minutes.
+SETTLED_KEEP: Final = 7 * 86400.0
+SETTLED_MEMORY: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +319,8 @@ class _Lane:
     fresh_from: int = 0
     fresh_bytes: int = 0
     on_wake: Callable[[], object] | None = None  # see Outbox.set_wake_callback
+    awaiting: dict[str, Awaiting] = field(default_factory=dict)  # the ack ledger, in rowid order
+    settled: dict[str, tuple[Settled, bool]] = field(default_factory=dict)  # id -> (how, troubled)
 
     def trim_fresh(self, upto: int) -> None:
         """Drop rows at or below ``upto`` from ``fresh`` (acked or trimmed)."""
@@ -286,6 +355,15 @@ class _Shed:
 
 
 @dataclass(slots=True)
+class _Write:
+    """A ledger update for the next transaction; ``future`` (if any) learns its commit."""
+
+    sql: str
+    params: tuple[Any, ...]
+    future: asyncio.Future[None] | None
+
+
+@dataclass(slots=True)
 class _Batch:
     """One transaction's worth of work, prepared by the writer."""
 
@@ -300,6 +378,9 @@ class _Batch:
     events: int = 0
     first_rowid: int = 0
     first_time: float = 0.0
+    awaiting: list[Awaiting] = field(default_factory=list)
+    writes: list[_Write] = field(default_factory=list)
+    write_error: OutboxError | None = None
 
 
 class _Throttle:
@@ -343,6 +424,12 @@ def _chained(message: str, cause: BaseException) -> OutboxError:
     err = OutboxError(message)
     err.__cause__ = cause
     return err
+
+
+def _fail_writes(writes: list[_Write], exc: BaseException) -> None:
+    for write in writes:
+        if write.future is not None and not write.future.done():
+            write.future.set_exception(exc)
 
 
 def _remove_rows(rows: deque[int], victims: list[int]) -> int:
@@ -394,6 +481,7 @@ class Outbox:
         uplinks: Mapping[str, int],
         *,
         on_shed: ShedCallback | None = None,
+        ack_filter: AckFilter | None = None,
     ) -> None:
         for name, bound in uplinks.items():
             if bound < 1:
@@ -401,6 +489,7 @@ class Outbox:
         self._path = Path(path)
         self._identity = identity
         self._on_shed = on_shed
+        self._ack_filter = ack_filter
         self._lanes = {name: _Lane(name, bound, asyncio.Event()) for name, bound in uplinks.items()}
         self._state = _State.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -421,6 +510,7 @@ class Outbox:
         # take the reader thread's path, which waits for the decision's commit.
         self._shedding = False
         self._ack_warned = False
+        self._writes: list[_Write] = []  # ledger updates for the next transaction (under _cond)
 
         # Writer-thread state.
         self._seq = 0
@@ -553,9 +643,11 @@ class Outbox:
         with self._cond:
             pending = list(self._queue)
             self._queue.clear()
+            writes, self._writes = self._writes, []
         for req in pending:
             if not req.future.done():
                 req.future.set_exception(OutboxError(f"{self._path}: {why}"))
+        _fail_writes(writes, OutboxError(f"{self._path}: {why}"))
 
     # ------------------------------------------------------------------ public API
 
@@ -711,6 +803,87 @@ class Outbox:
             appended = self._t_at[max(i, 0)]
         return max(0.0, time.time() - appended)
 
+    def oldest_alarm_age(self, uplink: str) -> float | None:
+        """Seconds since the oldest alarm of ``uplink`` without a PUBACK was appended; None if none."""
+        lane = self._lane(uplink)
+        with self._lock:
+            alarms = lane.classes[ALARM_CLASS]
+            if not alarms or not self._t_ids:
+                return None
+            i = bisect.bisect_right(self._t_ids, alarms[0]) - 1
+            appended = self._t_at[max(i, 0)]
+        return max(0.0, time.time() - appended)
+
+    # ------------------------------------------------------------------ the ack ledger
+
+    def awaiting(self, uplink: str) -> list[Awaiting]:
+        """The critical alarms of ``uplink`` its platform has not acknowledged, oldest first.
+
+        The entries are live: the uplink's supervisor updates ``repeats`` and ``troubled``
+        on them and persists that with :meth:`note`.
+        """
+        lane = self._lane(uplink)
+        with self._lock:
+            return list(lane.awaiting.values())
+
+    def acked_upto(self, uplink: str) -> int:
+        """The uplink's acked cursor: rows at or below it have the broker's PUBACK."""
+        return self._lane(uplink).acked
+
+    def note(self, entry: Awaiting) -> None:
+        """Persist ``entry.repeats`` and ``entry.troubled`` with the next commit (best effort)."""
+        self._queue_write(
+            "UPDATE awaiting SET repeats = ?, troubled = ? WHERE uplink = ? AND event_id = ?",
+            (entry.repeats, int(entry.troubled), entry.uplink, entry.event_id),
+            wait=False,
+        )
+
+    async def settle(self, uplink: str, event_id: str, how: Settled) -> Settlement:
+        """Close the ledger entry of ``event_id`` durably (returns after the commit).
+
+        An acknowledgement of an entry that expired earlier is recorded too (the platform
+        did answer, late). Raises :class:`OutboxError` if the commit failed; the entry
+        then stays open.
+        """
+        lane = self._lane(uplink)
+        with self._lock:
+            entry = lane.awaiting.pop(event_id, None)
+            before = lane.settled.get(event_id)
+        previous = before[0] if before else None
+        if entry is None and (previous is None or previous is how or how is Settled.EXPIRED):
+            return Settlement(None, previous, bool(before and before[1]))
+        troubled = entry.troubled if entry is not None else bool(before and before[1])
+        fut = self._queue_write(
+            "UPDATE awaiting SET state = ?, settled = ? WHERE uplink = ? AND event_id = ?",
+            (how.value, time.time(), uplink, event_id),
+            wait=True,
+        )
+        try:
+            if fut is not None:
+                await fut
+        except BaseException:
+            if entry is not None:
+                with self._lock:
+                    lane.awaiting.setdefault(event_id, entry)
+            raise
+        with self._lock:
+            lane.settled.pop(event_id, None)
+            lane.settled[event_id] = (how, troubled)
+            while len(lane.settled) > SETTLED_MEMORY:
+                del lane.settled[next(iter(lane.settled))]
+        return Settlement(entry, previous, troubled)
+
+    def _queue_write(self, sql: str, params: tuple[Any, ...], *, wait: bool) -> asyncio.Future[None] | None:
+        if self._state is not _State.OPEN or self._loop is None:
+            raise OutboxError(f"{self._path}: the outbox is not open")
+        fut = self._loop.create_future() if wait else None
+        with self._cond:
+            if self._broken is not None:
+                raise OutboxError(f"{self._path}: {self._broken}")
+            self._writes.append(_Write(sql, params, fut))
+            self._cond.notify()
+        return fut
+
     # ------------------------------------------------------------------ loop side
 
     def _lane(self, uplink: str) -> _Lane:
@@ -755,6 +928,13 @@ class Outbox:
                 req.future.set_exception(result)
             else:
                 req.future.set_result(result)
+        for write in batch.writes:
+            fut = write.future
+            if fut is not None and not fut.done():
+                if batch.write_error is not None:
+                    fut.set_exception(batch.write_error)
+                else:
+                    fut.set_result(None)
         for lane in wake:
             lane.wake.set()
             if lane.on_wake is not None:
@@ -822,12 +1002,14 @@ class Outbox:
                 self._commit(work)
             except BaseException as exc:
                 self._call_loop(self._fail_requests, work.requests, "the outbox writer failed", exc)
+                failure = _chained(f"{self._path}: the outbox writer failed", exc)
+                self._call_loop(_fail_writes, work.writes, failure)
                 raise
 
     def _take(self) -> _Batch | None:
         """Wait for work; take every queued request (up to the batch cap) and every ack."""
         with self._cond:
-            while not self._queue and not self._stopping:
+            while not self._queue and not self._writes and not self._stopping:
                 if self._ack_since is None:
                     self._cond.wait(WRITER_IDLE_WAKE)
                     continue
@@ -844,12 +1026,13 @@ class Outbox:
                 requests.append(req)
                 events += len(req.items)
             acks, self._acks, self._ack_since = self._acks, {}, None
-        if not requests and not acks:
+            writes, self._writes = self._writes, []
+        if not requests and not acks and not writes:
             return None if self._stopping else _Batch([], {})
-        return _Batch(requests, acks)
+        return _Batch(requests, acks, writes=writes)
 
     def _commit(self, batch: _Batch) -> None:
-        if not batch.requests and not batch.acks:
+        if not batch.requests and not batch.acks and not batch.writes:
             return
         started = time.perf_counter()
         self._stamp(batch)
@@ -902,8 +1085,13 @@ class Outbox:
             batch.results.append(events)
             for event, (_, uplinks, received) in zip(events, req.items, strict=True):
                 cls = shed_class(event.type, event.severity)
+                ledger = cls == ALARM_CLASS and event.state is EventState.ACTIVE and self._ack_filter
                 for uplink in uplinks:
                     rowid += 1
+                    if ledger and self._ack_filter is not None and self._ack_filter(uplink, event.type):
+                        batch.awaiting.append(
+                            Awaiting(uplink, event.id, rowid, event.seq, event.type, received, event.payload)
+                        )
                     if not batch.first_rowid:
                         batch.first_rowid = rowid
                         batch.first_time = received
@@ -979,6 +1167,16 @@ class Outbox:
             for start in range(0, len(rows), INSERT_CHUNK):
                 chunk = rows[start : start + INSERT_CHUNK]
                 conn.execute(_insert_statement(len(chunk)), [value for row in chunk for value in row])
+            if batch.awaiting:
+                conn.executemany(
+                    _INSERT_AWAITING,
+                    [
+                        (a.uplink, a.event_id, a.rowid, a.seq, a.type, a.created, a.payload)
+                        for a in batch.awaiting
+                    ],
+                )
+            for write in batch.writes:
+                conn.execute(write.sql, write.params)
             for uplink, upto in batch.acks.items():
                 conn.execute(_UPSERT_CURSOR, (uplink, upto))
                 conn.execute("DELETE FROM outbox WHERE uplink = ? AND id <= ?", (uplink, upto))
@@ -1031,6 +1229,7 @@ class Outbox:
                     if self._ack_since is None:
                         self._ack_since = time.monotonic()
         message = f"{self._path}: the outbox could not commit: {exc}"
+        batch.write_error = _chained(message, exc)
         for i, result in enumerate(batch.results):
             if not isinstance(result, BaseException):
                 batch.results[i] = _chained(message, exc)
@@ -1057,6 +1256,8 @@ class Outbox:
                     self._note_shed(lane, shed, shed_reports)
                 if lane.over_bound and lane.depth <= lane.max_rows:
                     lane.over_bound = False
+            for entry in batch.awaiting:
+                self._lanes[entry.uplink].awaiting[entry.event_id] = entry
             if wake:
                 self._t_ids.append(batch.first_rowid)
                 self._t_at.append(batch.first_time)
@@ -1234,6 +1435,7 @@ class Outbox:
             if not self._t_at or abs(created - self._t_at[-1]) > TIME_INDEX_RESOLUTION:
                 self._t_ids.append(rowid)
                 self._t_at.append(created)
+        self._load_ledger(conn)
         if unknown:
             log.warning(
                 "outbox.unconfigured_uplinks",
@@ -1241,6 +1443,27 @@ class Outbox:
                 rows=dict(unknown),
                 action="kept, not delivered, until the uplink is configured again",
             )
+
+    def _load_ledger(self, conn: sqlite3.Connection) -> None:
+        """The open ack-ledger entries, and the recently settled ones; older ones are dropped."""
+        horizon = time.time() - SETTLED_KEEP
+        conn.execute("DELETE FROM awaiting WHERE state != 'awaiting' AND settled < ?", (horizon,))
+        rows = conn.execute(
+            "SELECT uplink, event_id, row, seq, type, created, payload, repeats, troubled, state"
+            " FROM awaiting ORDER BY coalesce(settled, 0), row"
+        )
+        for uplink, event_id, rowid, seq, type_, created, payload, repeats, troubled, state in rows:
+            lane = self._lanes.get(uplink)
+            if lane is None:
+                continue
+            if state == "awaiting":
+                lane.awaiting[event_id] = Awaiting(
+                    uplink, event_id, rowid, seq, type_, created, bytes(payload), repeats, bool(troubled)
+                )
+            elif state in Settled.__members__.values():
+                lane.settled[event_id] = (Settled(state), bool(troubled))
+                while len(lane.settled) > SETTLED_MEMORY:
+                    del lane.settled[next(iter(lane.settled))]
 
     def _close_writer_conn(self) -> None:
         conn, self._conn = self._conn, None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from gateway.config import RouteConfig, UplinkConfig
@@ -53,3 +53,20 @@ class Router:
             if len(self._cache) < 4096:  # bound: event types are a small closed set in practice
                 self._cache[key] = hit
         return hit
+
+
+def ack_filter(uplinks: Iterable[UplinkConfig]) -> Callable[[str, str], bool] | None:
+    """(uplink, event type) -> its platform must acknowledge such alarms (``platform.ack_types``)."""
+    patterns = {
+        u.name: pattern
+        for u in uplinks
+        if u.platform is not None and (pattern := _compile(u.platform.ack_types)) is not None
+    }
+    if not patterns:
+        return None
+
+    def needs_ack(uplink: str, event_type: str) -> bool:
+        pattern = patterns.get(uplink)
+        return pattern is not None and pattern.fullmatch(event_type) is not None
+
+    return needs_ack

@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from gateway.acks import AckSupervisor, PlatformPresence, TroubleCode, trouble
 from gateway.backoff import Backoff
 from gateway.config import Endpoint, UplinkConfig
 from gateway.errors import OutboxError, UplinkError
@@ -34,13 +35,12 @@ from gateway.events import (
     EventState,
     Identity,
     Observation,
-    Severity,
     format_time,
     is_alarm_type,
 )
 from gateway.logs import RateLimited
 from gateway.mqtt import MqttConnection, Will
-from gateway.outbox import Outbox, Row
+from gateway.outbox import Awaiting, Outbox, Row
 from gateway.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
@@ -50,6 +50,10 @@ READ_BATCH = 256  # rows per outbox read: amortises the thread hop, small enough
 # the whole daemon must stop within 5 s (systemd TimeoutStopSec is larger still).
 STOP_DRAIN_TIMEOUT = 1.5
 STALL_MIN = 10.0
+# The supervision loop (held alarms, re-notification, ack deadlines) looks at least this
+# often: deadlines are whole seconds (2 s, 30 s), so a quarter second is precise enough,
+# and a look costs a few dict reads.
+SUPERVISE_TICK = 0.25
 
 
 class UplinkState(enum.StrEnum):
@@ -148,6 +152,14 @@ class Uplink:
         self._password = cfg.read_password()
         self._tls = tls_context(cfg) if any(e.tls for e in cfg.endpoints) else None
         self._gateway_ref = DeviceRef(identity.gateway, DeviceKind.GATEWAY, "gateway")
+        platform = cfg.platform
+        self.presence = PlatformPresence(cfg.name, platform.presence_topic if platform else None)
+        self.acks = (
+            AckSupervisor(cfg.name, platform, outbox, self._gateway_ref, report)
+            if platform is not None and platform.ack_types
+            else None
+        )
+        self._supervise_wake = asyncio.Event()
         # A session whose oldest message has had no PUBACK this long is wedged: 5 alarm
         # deadlines, at least 10 s, so a slow WAN link is not mistaken for a dead one.
         self._stall_deadline = max(STALL_MIN, 5 * cfg.alarm_deadline)
@@ -160,6 +172,13 @@ class Uplink:
         self._poke()
 
     async def run(self) -> None:
+        supervisor = asyncio.create_task(self._supervise_loop(), name=f"uplink:{self.name}:supervise")
+        try:
+            await self._run_sessions()
+        finally:
+            await cancel_and_wait(supervisor)
+
+    async def _run_sessions(self) -> None:
         backoff = Backoff(initial=self.cfg.reconnect_initial, cap=self.cfg.reconnect_max)
         index = 0
         failures_in_round = 0
@@ -199,7 +218,7 @@ class Uplink:
             username=self.cfg.username,
             password=self._password.get_secret_value() if self._password else None,
             will=will,
-            on_message=self._on_message if self._commands is not None else None,
+            on_message=self._on_message if self._commands is not None or self.presence.topic else None,
         )
         established = False
         try:
@@ -233,9 +252,13 @@ class Uplink:
     async def _session(self, conn: MqttConnection) -> None:
         if self._commands is not None:  # before "online": a platform that sees it can command
             await conn.subscribe(f"{self.base}/cmd/+", qos=1)
+        if self.presence.topic is not None:  # its retained state arrives after the SUBACK
+            self.presence.reset()
+            await conn.subscribe(self.presence.topic, qos=1)
         await conn.publish(f"{self.base}/status", self._status_payload("online"), qos=1, retain=True)
         self._conn = conn
         self._flush_replies()
+        self._supervise_wake.set()  # repeats that fell due while disconnected go out now
         # Not a TaskGroup: the delivery loop's own errors must surface as themselves, not wrapped.
         beat = asyncio.create_task(self._heartbeat_loop(conn), name=f"uplink:{self.name}:heartbeat")
         try:
@@ -269,7 +292,7 @@ class Uplink:
                     stop_deadline = stop_deadline or time.monotonic() + STOP_DRAIN_TIMEOUT
                     if not pending or time.monotonic() >= stop_deadline:
                         return
-                else:
+                elif self.presence.allows_publishing:
                     last_read = await self._fill(conn, pending, buffer, last_read, wakeup)
                 self._supervise(pending)
                 if closed.done():
@@ -337,6 +360,8 @@ class Uplink:
             if self._trouble_active:
                 self._trouble_active = False
                 self._raise_trouble(EventState.CLEARED, "delivery restored", None)
+            if self.acks is not None:
+                self._supervise_wake.set()  # a critical alarm may just have reached the broker
 
     def _supervise(self, pending: dict[int, tuple[Row, asyncio.Future[None], float]]) -> None:
         """An alarm not PUBACKed within its deadline: trouble event, log once, fail over.
@@ -375,7 +400,12 @@ class Uplink:
         if self._progress or closed.done() or (not stopping and self._stopping.is_set()):
             self._progress = False
             return
-        if not stopping and len(pending) < self.cfg.inflight and wakeup.is_set():
+        if (
+            not stopping
+            and len(pending) < self.cfg.inflight
+            and wakeup.is_set()
+            and self.presence.allows_publishing
+        ):
             return  # a commit since the last read, and room in the window
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
@@ -407,14 +437,22 @@ class Uplink:
     def _topic(self, row: Row) -> str:
         if row.type == SNAPSHOT:  # a Blob: binary, on a topic of its own
             return f"{self.base}/snapshots/{row.event_id}"
-        topic = self._topics.get(row.type)
+        return self._type_topic(row.type)
+
+    def _type_topic(self, event_type: str) -> str:
+        topic = self._topics.get(event_type)
         if topic is None:
-            topic = self._topics[row.type] = f"{self.base}/events/{row.type.replace('.', '/')}"
+            topic = self._topics[event_type] = f"{self.base}/events/{event_type.replace('.', '/')}"
         return topic
 
     # -- commands -------------------------------------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes, _retain: bool) -> None:
+        if topic == self.presence.topic:
+            if self.presence.update(payload):
+                self._poke()  # the delivery loop starts or stops filling
+                self._supervise_wake.set()
+            return
         prefix = f"{self.base}/cmd/"
         if self._commands is None or not topic.startswith(prefix):
             return
@@ -461,18 +499,70 @@ class Uplink:
             await asyncio.sleep(self._heartbeat_interval)
 
     def _raise_trouble(self, state: EventState, reason: str, row: Row | None) -> None:
-        data: dict[str, Any] = {"uplink": self.name, "endpoint": str(self.endpoint), "reason": reason}
+        data: dict[str, Any] = {"endpoint": str(self.endpoint)}
         if row is not None:
             data["event_id"] = row.event_id
-        self._report(
-            Observation(
-                device=self._gateway_ref,
-                type="uplink.trouble",
-                severity=Severity.MAJOR,
-                state=state,
-                data=data,
-            )
+        code = TroubleCode.BROKER_DEADLINE
+        self._report(trouble(self._gateway_ref, self.name, code, state, reason, **data))
+
+    # -- supervision: held alarms, re-notification, ack deadlines ------------------------------
+
+    async def _supervise_loop(self) -> None:
+        while True:
+            self._supervise_wake.clear()
+            self._check_held_alarms()
+            wait = SUPERVISE_TICK
+            if self.acks is not None:
+                publish = self._publish_repeat if self._can_publish() else None
+                try:
+                    due = await self.acks.tick(publish)
+                except OutboxError as exc:
+                    suppressed = self._limiter.should_log("ledger")
+                    if suppressed is not None:
+                        self._log.error("ack ledger update failed", error=str(exc), repeats=suppressed)
+                    due = None
+                if due is not None:
+                    wait = min(wait, max(due, 0.001))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._supervise_wake.wait()
+
+    def _check_held_alarms(self) -> None:
+        """An alarm still short of the broker ``alarm_deadline`` after it happened is trouble,
+        whether the uplink is down, the platform away or the window full (once per episode;
+        cleared when delivery resumes)."""
+        if self._trouble_active:
+            return
+        age = self.outbox.oldest_alarm_age(self.name)
+        if age is None or age <= self.cfg.alarm_deadline:
+            return
+        if self._conn is None:
+            why = "uplink not connected"
+        elif not self.presence.allows_publishing:
+            why = f"platform {self.presence.state.value}; alarms held in the outbox"
+        else:
+            why = "alarm not yet at the broker"
+        self._trouble_active = True
+        self._log.error("alarm not delivered to the broker in time", reason=why, age=round(age, 3))
+        self._raise_trouble(
+            EventState.ACTIVE, f"alarm not at the broker within {self.cfg.alarm_deadline:g} s: {why}", None
         )
+
+    def _can_publish(self) -> bool:
+        conn = self._conn
+        return conn is not None and conn.connected and self.presence.allows_publishing
+
+    def _publish_repeat(self, entry: Awaiting, payload: bytes) -> bool:
+        conn = self._conn
+        if conn is None or not self._can_publish():
+            return False
+        try:
+            fut = conn.publish(self._type_topic(entry.type), payload, qos=1)
+        except UplinkError:
+            return False  # the connection is going; the next session repeats it
+        fut.add_done_callback(_consume)
+        self._log.info("critical alarm re-notified", event_id=entry.event_id, repeat=entry.repeats + 1)
+        return True
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -485,4 +575,8 @@ class Uplink:
             "acked": self.stats.acked,
             "connects": self.stats.connects,
             "failovers": self.stats.failovers,
+            "platform": {
+                **self.presence.snapshot(),
+                **(self.acks.snapshot() if self.acks is not None else {"awaiting_ack": None}),
+            },
         }

@@ -105,6 +105,27 @@ BROKEN = [
     ),
     ("uplinks[0].commands", {"max_bytes": 100}, "uplinks[0].commands.max_bytes: Input should be greater"),
     ("uplinks[0].commands", {"secret": "x"}, "uplinks[0].commands.secret: unknown key"),
+    (
+        "uplinks[0].platform",
+        {"presence_topic": "platform/police/state"},
+        "uplinks[0]: Value error, platform.ack_types needs commands.allow to include alarm.ack",
+    ),
+    (
+        "uplinks[0].platform",
+        {"presence_topic": "platform/+/state", "ack_types": []},
+        "uplinks[0].platform.presence_topic: Value error, a topic name without wildcards",
+    ),
+    (
+        "uplinks[0].platform",
+        {"ack_types": ["camera.motion"]},
+        "uplinks[0].platform.ack_types: Value error, 'camera.motion': ack_types are alarm types",
+    ),
+    (
+        "uplinks[0].platform",
+        {"ack_types": [], "renotify_interval": 0.1},
+        "uplinks[0].platform.renotify_interval: Input should be greater than or equal to 0.5",
+    ),
+    ("uplinks[0].platform", {"ack_types": [], "presence": "x"}, "uplinks[0].platform.presence: unknown key"),
 ]
 
 

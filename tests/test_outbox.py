@@ -701,8 +701,8 @@ async def test_a_stored_v1_database_migrates_with_its_rows_deliverable(tmp_path:
                 "camera.motion",
                 "bollard.fault",
             ]
-    assert any(entry["event"] == "outbox.migrated" and entry["version"] == 2 for entry in logs)
-    assert db_value(path, "PRAGMA user_version") == SCHEMA_VERSION == 2
+    assert any(entry["event"] == "outbox.migrated" and entry["version"] == SCHEMA_VERSION for entry in logs)
+    assert db_value(path, "PRAGMA user_version") == SCHEMA_VERSION == 3
     assert db_value(path, "SELECT priority FROM outbox WHERE type = 'alarm.tamper'") == 4
     assert db_value(path, "SELECT acked FROM cursor WHERE uplink = 'a'") is not None
 

@@ -214,8 +214,8 @@ class AlarmBoxDriver(Driver):
         return Outcome(Verdict.DONE, None, f"cleared zones {cleared}" if cleared else "nothing latched", data)
 
     async def _ack_command(self, args: Mapping[str, Any]) -> Outcome:
-        if args:
-            return Outcome(Verdict.REFUSED, "bad_args", "alarm.ack takes no args")
+        if set(args) - {"event_id"}:  # the gateway records the event's acknowledgement itself
+            return Outcome(Verdict.REFUSED, "bad_args", "alarm.ack takes only an optional event_id")
         if "ack_led" not in self.profile.outputs:
             return Outcome(Verdict.REFUSED, "unsupported", f"profile {self.config.profile!r} has no ack_led")
         await self.set_output("ack_led", True)

@@ -7,14 +7,20 @@ task of its own, tracked here and cancelled at shutdown, so a slow bollard never
 the MQTT loop or another command.
 
 Targets: a device id; ``gate:NAME`` (every device whose driver lists that group, e.g.
-every bollard of a gate: a lockdown); ``gateway`` or the gateway id (gateway.self_test).
-A command some target cannot take is refused before anything moves.
+every bollard of a gate: a lockdown); ``gateway`` or the gateway id (gateway.self_test,
+alarm.ack with an event_id). A command some target cannot take is refused before anything
+moves.
+
+``alarm.ack`` with ``args.event_id`` is the platform acknowledging that alarm: it is
+recorded durably for the uplink it came on (re-notification stops; DESIGN.md, Guarantees)
+before the target device (if any) lights its acknowledgement output.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
@@ -36,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 Reply = Callable[[str, bytes], None]  # (topic level under cmd-result/, payload): the uplink publishes
 SelfTest = Callable[[], Awaitable[Outcome]]
+Acknowledge = Callable[[str, str], Awaitable[Outcome]]  # (uplink, event id): record the platform's ack
 
 # At most this many commands in progress: a lockdown is one command however many bollards
 # it moves; a platform flooding the gateway gets 'busy' refusals instead of unbounded tasks.
@@ -59,12 +66,15 @@ class CommandService:
         sink: EventSink,
         gateway_ref: DeviceRef,
         self_test: SelfTest,
+        *,
+        acknowledge: Acknowledge | None = None,
     ) -> None:
         self.cfg = cfg
         self.drivers = tuple(drivers)
         self.sink = sink
         self.gateway_ref = gateway_ref
         self.self_test = self_test
+        self.acknowledge = acknowledge
         self.verifiers: dict[str, Verifier] = {}
         self._cache: ReplayCache | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -153,7 +163,8 @@ class CommandService:
 
     async def _run(self, cmd: Command, reply: Reply) -> None:
         level = result_topic_level(cmd.id)
-        targets = self._resolve(cmd)
+        bad = _bad_args(cmd)
+        targets = bad if bad is not None else self._resolve(cmd)
         if isinstance(targets, Outcome):  # refused before anything was tried
             status, reason, detail, results = Status.REFUSED, targets.reason, targets.detail, {}
         else:
@@ -190,7 +201,8 @@ class CommandService:
     def _resolve(self, cmd: Command) -> list[Driver] | Outcome | None:
         """The drivers a command addresses (None: the gateway itself), or why it is refused."""
         if cmd.target in (GATEWAY_TARGET, self.cfg.identity.gateway):
-            if cmd.name != "gateway.self_test":
+            # gateway.self_test, or an acknowledgement alone (no output to light)
+            if cmd.name != "gateway.self_test" and not _is_event_ack(cmd):
                 return Outcome(Verdict.REFUSED, "unsupported", f"the gateway itself does not take {cmd.name}")
             return None
         if cmd.target in self._by_id:
@@ -206,11 +218,28 @@ class CommandService:
 
     async def _execute(self, cmd: Command, targets: list[Driver] | None) -> dict[str, Outcome]:
         """Run the command on every target at once (a lockdown raises all bollards together)."""
+        outcomes: dict[str, Outcome] = {}
+        if _is_event_ack(cmd):  # recorded before any output moves
+            outcomes[GATEWAY_TARGET] = await _bounded(
+                self._acknowledge(cmd.uplink, str(cmd.args["event_id"]))
+            )
         if targets is None:
-            return {GATEWAY_TARGET: await _bounded(self.self_test())}
+            if not outcomes:
+                outcomes[GATEWAY_TARGET] = await _bounded(self.self_test())
+            return outcomes
         names = [d.device.id for d in targets]
         results = await asyncio.gather(*(_bounded(d.command(cmd.name, cmd.args)) for d in targets))
-        return dict(zip(names, results, strict=True))
+        outcomes.update(zip(names, results, strict=True))
+        return outcomes
+
+    async def _acknowledge(self, uplink: str, event_id: str) -> Outcome:
+        if self.acknowledge is None:
+            return Outcome(Verdict.DONE, None, "acknowledgements are not tracked", {"ack": "untracked"})
+        try:
+            return await self.acknowledge(uplink, event_id)
+        except OutboxError as exc:
+            log.exception("acknowledgement not recorded", uplink=uplink, event_id=event_id)
+            return Outcome(Verdict.FAILED, "storage", f"the acknowledgement could not be recorded: {exc}")
 
     async def _audit(
         self,
@@ -231,6 +260,22 @@ class CommandService:
         self.results[status.value] += 1
         severity = Severity.INFO if status is Status.DONE else Severity.MINOR
         await self.sink.publish(Observation(self.gateway_ref, "command.result", severity, data=data))
+
+
+_EVENT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _is_event_ack(cmd: Command) -> bool:
+    return cmd.name == "alarm.ack" and "event_id" in cmd.args
+
+
+def _bad_args(cmd: Command) -> Outcome | None:
+    """Arguments the gateway itself reads, checked before anything moves."""
+    if _is_event_ack(cmd):
+        event_id = cmd.args["event_id"]
+        if not isinstance(event_id, str) or _EVENT_ID.fullmatch(event_id) is None:
+            return Outcome(Verdict.REFUSED, "bad_args", "args.event_id must be an event id (a UUID)")
+    return None
 
 
 def _peek(payload: bytes) -> tuple[str | None, str | None]:

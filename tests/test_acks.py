@@ -1,0 +1,310 @@
+"""The ack ledger, platform presence and re-notification, in process (the daemon-level
+round trips are in tests/test_platform_e2e.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from gateway.acks import AckSupervisor, PlatformPresence, Presence, TroubleCode, repeat_payload
+from gateway.config import PlatformConfig
+from gateway.driver import Verdict
+from gateway.events import DeviceKind, DeviceRef, EventState, Identity, Observation, Severity
+from gateway.outbox import Awaiting, Outbox, Settled
+from gateway.router import ack_filter
+from tests.support.waiting import eventually
+
+IDENTITY = Identity("gw-1", "school-1", "530102")
+BOX = DeviceRef("box-1", DeviceKind.ALARM_BOX, "Gate box", "gate")
+GATEWAY = DeviceRef("gw-1", DeviceKind.GATEWAY, "gateway")
+
+
+def panic(state: EventState = EventState.ACTIVE, event_type: str = "alarm.panic") -> Observation:
+    return Observation(BOX, event_type, Severity.CRITICAL, state=state, data={"contact_id": 1120})
+
+
+def needs_ack(uplink: str, event_type: str) -> bool:
+    return uplink == "police" and event_type == "alarm.panic"
+
+
+def open_outbox(path: Path) -> Outbox:
+    return Outbox(path, IDENTITY, {"police": 1000, "edu": 1000}, ack_filter=needs_ack)
+
+
+def ledger(path: Path) -> list[tuple[str, str, str, int]]:
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute("SELECT uplink, event_id, state, repeats FROM awaiting ORDER BY row").fetchall()
+
+
+async def deliver(outbox: Outbox, uplink: str) -> None:
+    """Play the uplink: read every row and ack it (the broker's PUBACK)."""
+    rows = await outbox.read(uplink, 0, 1000)
+    if rows:
+        outbox.ack(uplink, rows[-1].rowid)
+
+
+# -- the ledger -------------------------------------------------------------------------------
+
+
+async def test_ledger_entry_is_committed_with_the_event_for_its_uplinks_only(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    async with open_outbox(path) as outbox:
+        active = await outbox.append(panic(), ["police", "edu"])
+        await outbox.append(panic(EventState.CLEARED), ["police", "edu"])  # a restore needs no ack
+        await outbox.append(panic(event_type="alarm.intrusion"), ["police"])  # not an ack type
+        entries = outbox.awaiting("police")
+        assert [(e.event_id, e.seq, e.type) for e in entries] == [(active.id, active.seq, "alarm.panic")]
+        assert entries[0].payload == active.payload
+        assert outbox.awaiting("edu") == []
+    assert ledger(path) == [("police", active.id, "awaiting", 0)]
+
+
+async def test_settle_is_durable_and_answers_repeated_acks(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    async with open_outbox(path) as outbox:
+        first = await outbox.append(panic(), ["police"])
+        second = await outbox.append(panic(), ["police"])
+        settled = await outbox.settle("police", first.id, Settled.ACKED)
+        assert settled.entry is not None
+        assert settled.entry.event_id == first.id
+        assert settled.previous is None
+        again = await outbox.settle("police", first.id, Settled.ACKED)
+        assert again.entry is None
+        assert again.previous is Settled.ACKED
+        unknown = await outbox.settle("police", "0190b7c2-0000-7000-8000-000000000000", Settled.ACKED)
+        assert unknown.entry is None
+        assert unknown.previous is None
+    assert sorted(ledger(path)) == sorted(
+        [("police", first.id, "acked", 0), ("police", second.id, "awaiting", 0)]
+    )
+    async with open_outbox(path) as outbox:  # a restart re-opens only what is still open
+        assert [e.event_id for e in outbox.awaiting("police")] == [second.id]
+        assert (await outbox.settle("police", first.id, Settled.ACKED)).previous is Settled.ACKED
+
+
+async def test_an_expired_entry_acknowledged_late_is_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    async with open_outbox(path) as outbox:
+        event = await outbox.append(panic(), ["police"])
+        expired = await outbox.settle("police", event.id, Settled.EXPIRED)
+        assert expired.entry is not None
+        late = await outbox.settle("police", event.id, Settled.ACKED)
+        assert late.entry is None
+        assert late.previous is Settled.EXPIRED
+    assert ledger(path) == [("police", event.id, "acked", 0)]
+
+
+async def test_repeats_and_trouble_flags_are_persisted(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    async with open_outbox(path) as outbox:
+        await outbox.append(panic(), ["police"])
+        entry = outbox.awaiting("police")[0]
+        entry.repeats, entry.troubled = 3, True
+        outbox.note(entry)
+        await outbox.append(panic(EventState.CLEARED), ["edu"])  # any later commit carries the note
+    async with open_outbox(path) as outbox:
+        reopened = outbox.awaiting("police")[0]
+        assert (reopened.repeats, reopened.troubled) == (3, True)
+
+
+def test_ack_filter_follows_platform_ack_types() -> None:
+    from gateway.config import UplinkConfig
+
+    police = UplinkConfig(
+        name="police",
+        endpoints=("mqtt://127.0.0.1:1",),  # type: ignore[arg-type]
+        commands={"key_file": "/k", "allow": ["alarm.ack"]},  # type: ignore[arg-type]
+        platform={"ack_types": ["alarm.panic", "alarm.duress*"]},  # type: ignore[arg-type]
+    )
+    edu = UplinkConfig(name="edu", endpoints=("mqtt://127.0.0.1:1",))  # type: ignore[arg-type]
+    check = ack_filter([police, edu])
+    assert check is not None
+    assert check("police", "alarm.panic")
+    assert check("police", "alarm.duress_code")
+    assert not check("police", "alarm.intrusion")
+    assert not check("edu", "alarm.panic")
+    assert ack_filter([edu]) is None
+
+
+# -- presence ---------------------------------------------------------------------------------
+
+
+def presence_msg(online: bool, stamp: int | None = None) -> bytes:
+    body: dict[str, object] = {"online": online}
+    if stamp is not None:
+        body["timestamp"] = stamp
+    return json.dumps(body).encode()
+
+
+def test_presence_follows_the_platform_and_ignores_a_stale_will() -> None:
+    p = PlatformPresence("police", "platform/police/state")
+    assert p.state is Presence.UNKNOWN
+    assert not p.allows_publishing
+    assert p.update(presence_msg(True, 2000))
+    assert p.allows_publishing
+    assert not p.update(presence_msg(False, 1000))  # the will of an older session: ignored
+    assert p.state is Presence.ONLINE
+    assert p.update(presence_msg(False, 3000))
+    assert p.state is Presence.OFFLINE
+    assert not p.allows_publishing
+    assert p.update(presence_msg(True))  # no timestamp: taken as it comes
+    p.reset()
+    assert p.state is Presence.UNKNOWN
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"online",
+        b"[]",
+        b'{"online": "yes"}',
+        b'{"online": true, "timestamp": -1}',
+        b'{"online": true, "timestamp": 1.5}',
+        b"{" * 5000,
+    ],
+)
+def test_a_bad_presence_message_holds_events(payload: bytes) -> None:
+    p = PlatformPresence("police", "platform/police/state")
+    p.update(presence_msg(True))
+    assert p.update(payload)
+    assert p.state is Presence.UNKNOWN
+    assert p.invalid == 1
+
+
+def test_an_empty_retained_message_means_unknown() -> None:
+    p = PlatformPresence("police", "t")
+    p.update(presence_msg(True))
+    assert p.update(b"")
+    assert p.state is Presence.UNKNOWN
+
+
+def test_without_a_presence_topic_publishing_is_always_allowed() -> None:
+    p = PlatformPresence("police", None)
+    p.reset()
+    assert p.state is Presence.DISABLED
+    assert p.allows_publishing
+
+
+def test_repeat_payload_adds_the_flag_and_keeps_the_rest() -> None:
+    original = json.dumps({"id": "x", "seq": 7, "data": {"a": 1}}, separators=(",", ":")).encode()
+    body = json.loads(repeat_payload(original, 2))
+    assert body == {"id": "x", "seq": 7, "data": {"a": 1}, "repeat": 2}
+
+
+# -- the supervisor ---------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+        self.reports: list[Observation] = []
+        self.accept = True
+
+    def publish(self, entry: Awaiting, payload: bytes) -> bool:
+        if self.accept:
+            self.published.append((entry.event_id, payload))
+        return self.accept
+
+    def troubles(self, code: TroubleCode) -> list[tuple[str, str]]:
+        return [
+            (o.state.value if o.state else "", str(o.data["event_id"]))
+            for o in self.reports
+            if o.type == "uplink.trouble" and o.data["code"] == code.value
+        ]
+
+
+def supervisor(outbox: Outbox, rec: Recorder, **cfg: float) -> AckSupervisor:
+    settings = {"renotify_interval": 0.5, "renotify_limit": 2, "ack_deadline": 0.6, **cfg}
+    platform = PlatformConfig(**settings)  # type: ignore[arg-type]
+    return AckSupervisor("police", platform, outbox, GATEWAY, rec.reports.append)
+
+
+async def run_ticks(sup: AckSupervisor, rec: Recorder, seconds: float) -> None:
+    """Tick as the uplink's loop does, for ``seconds`` (bounded)."""
+    end = time.monotonic() + seconds
+    for _ in range(1000):
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        due = await sup.tick(rec.publish)
+        await asyncio.sleep(min(left, 0.05 if due is None else max(0.001, min(due, 0.05))))
+
+
+async def test_renotifies_after_delivery_until_the_limit_then_raises_trouble(tmp_path: Path) -> None:
+    rec = Recorder()
+    async with open_outbox(tmp_path / "outbox.db") as outbox:
+        sup = supervisor(outbox, rec)
+        event = await outbox.append(panic(), ["police"])
+        await run_ticks(sup, rec, 0.7)
+        assert rec.published == []  # not at the broker yet: the stream's own copy comes first
+        assert rec.troubles(TroubleCode.ACK_DEADLINE) == [("active", event.id)]  # 0.6 s deadline
+        await deliver(outbox, "police")
+        await run_ticks(sup, rec, 1.8)  # repeats at ~0.5 and ~1.0 s, then the limit at ~1.5 s
+        repeats = [json.loads(p) for _, p in rec.published]
+        assert [(r["id"], r["seq"], r["repeat"]) for r in repeats] == [
+            (event.id, event.seq, 1),
+            (event.id, event.seq, 2),
+        ]
+        assert rec.troubles(TroubleCode.ACK_LIMIT) == [("active", event.id)]
+        assert outbox.awaiting("police") == []
+        assert sup.stats.expired == 1
+        outcome = await sup.acknowledge(event.id)  # late
+        assert outcome.verdict is Verdict.DONE
+        assert outcome.data["ack"] == "late"
+        assert rec.troubles(TroubleCode.ACK_LIMIT) == [("active", event.id), ("cleared", event.id)]
+
+
+async def test_an_ack_stops_renotification_and_clears_the_deadline_trouble(tmp_path: Path) -> None:
+    rec = Recorder()
+    async with open_outbox(tmp_path / "outbox.db") as outbox:
+        sup = supervisor(outbox, rec, renotify_limit=100, ack_deadline=0.3)
+        event = await outbox.append(panic(), ["police"])
+        await deliver(outbox, "police")
+        await run_ticks(sup, rec, 0.8)
+        assert len(rec.published) == 1
+        outcome = await sup.acknowledge(event.id)
+        assert outcome.data["ack"] == "acknowledged"
+        assert rec.troubles(TroubleCode.ACK_DEADLINE) == [("active", event.id), ("cleared", event.id)]
+        await run_ticks(sup, rec, 1.2)
+        assert len(rec.published) == 1  # nothing after the ack
+        assert (await sup.acknowledge(event.id)).data["ack"] == "already"
+
+
+async def test_no_repeats_while_the_uplink_cannot_publish(tmp_path: Path) -> None:
+    rec = Recorder()
+    rec.accept = False
+    async with open_outbox(tmp_path / "outbox.db") as outbox:
+        sup = supervisor(outbox, rec, renotify_limit=1)
+        await outbox.append(panic(), ["police"])
+        await deliver(outbox, "police")
+        await run_ticks(sup, rec, 1.3)
+        assert rec.published == []
+        assert outbox.awaiting("police")[0].repeats == 0
+        assert rec.troubles(TroubleCode.ACK_LIMIT) == []  # a repeat never sent is not counted
+        rec.accept = True
+        await run_ticks(sup, rec, 0.2)
+        assert len(rec.published) == 1
+
+
+async def test_a_failed_ledger_commit_keeps_the_entry_open(tmp_path: Path) -> None:
+    from gateway.errors import OutboxError
+
+    async with open_outbox(tmp_path / "outbox.db") as outbox:
+        event = await outbox.append(panic(), ["police"])
+
+        def fail(conn: sqlite3.Connection) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        outbox._on_begin = fail
+        with pytest.raises(OutboxError):
+            await outbox.settle("police", event.id, Settled.ACKED)
+        outbox._on_begin = None
+        assert [e.event_id for e in outbox.awaiting("police")] == [event.id]
+        await eventually(lambda: outbox.healthy)
+        assert (await outbox.settle("police", event.id, Settled.ACKED)).entry is not None
