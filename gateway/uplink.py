@@ -357,7 +357,9 @@ class Uplink:
             self.stats.publish_latencies.append(latency)
         if upto is not None:
             self.outbox.ack(self.name, upto)
-            if self._trouble_active:
+            if self._trouble_active and not self._alarm_overdue():
+                # Cleared once no late alarm is left short of the broker: clearing at the first
+                # PUBACK of a drain would flap active/cleared until the late alarm's turn came.
                 self._trouble_active = False
                 self._raise_trouble(EventState.CLEARED, "delivery restored", None)
             if self.acks is not None:
@@ -531,11 +533,9 @@ class Uplink:
         """An alarm still short of the broker ``alarm_deadline`` after it happened is trouble,
         whether the uplink is down, the platform away or the window full (once per episode;
         cleared when delivery resumes)."""
-        if self._trouble_active:
+        if self._trouble_active or not self._alarm_overdue():
             return
-        age = self.outbox.oldest_alarm_age(self.name)
-        if age is None or age <= self.cfg.alarm_deadline:
-            return
+        age = self.outbox.oldest_alarm_age(self.name) or 0.0
         if self._conn is None:
             why = "uplink not connected"
         elif not self.presence.allows_publishing:
@@ -547,6 +547,11 @@ class Uplink:
         self._raise_trouble(
             EventState.ACTIVE, f"alarm not at the broker within {self.cfg.alarm_deadline:g} s: {why}", None
         )
+
+    def _alarm_overdue(self) -> bool:
+        """An alarm of this uplink is still without a PUBACK ``alarm_deadline`` after it happened."""
+        age = self.outbox.oldest_alarm_age(self.name)
+        return age is not None and age > self.cfg.alarm_deadline
 
     def _can_publish(self) -> bool:
         conn = self._conn

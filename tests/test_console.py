@@ -290,6 +290,22 @@ async def test_duration_stops_cleanly_with_offline_presence(broker: Mosquitto) -
     assert of_kind(records, "notice")[0]["message"].startswith("no --key-file")
 
 
+async def test_an_offline_written_over_its_presence_while_up_is_undone(broker: Mosquitto) -> None:
+    # A late will of an earlier session of ours (same client id taken over) overwrites the
+    # retained state with offline while we run: we say online again (Sparkplug B's host rule).
+    async with running(options(broker.port)) as (_, records), Client(broker.port) as other:
+        stale = json.dumps({"online": False, "timestamp": 1}).encode()
+        await other.publish(PRESENCE, stale, retain=True)
+        await eventually(lambda: of_kind(records, "presence", reason="reasserted"))
+        async with Client(broker.port, PRESENCE) as late:  # what a gateway subscribing now gets
+            await eventually(lambda: late.json_on(PRESENCE))
+            (state, retained), *_ = late.json_on(PRESENCE)
+        assert retained
+        assert state["online"] is True
+        assert state["timestamp"] > 1
+        assert len(of_kind(records, "presence", reason="reasserted")) == 1
+
+
 async def test_stop_while_connecting_or_retrying_returns_at_once(broker: Mosquitto) -> None:
     loop = asyncio.get_running_loop()
     broker.freeze()  # TCP connects (the kernel accepts), CONNACK never comes

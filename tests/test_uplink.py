@@ -167,3 +167,34 @@ async def test_backlog_larger_than_the_window_drains_with_no_new_events(
         finally:
             await cancel_and_wait(task, timeout=5)
             assert task.done(), "the uplink ignored its cancellation"
+
+
+async def test_a_late_alarm_in_a_drained_backlog_raises_trouble_once_and_clears_once(
+    tmp_path: Path, outbox: Outbox
+) -> None:
+    # 5000 routine events, then an alarm, while the broker is away: the alarm is late. When
+    # the broker returns, the trouble must stay active until the alarm itself is at the
+    # broker, not flap active/cleared with every PUBACK of the rows before it.
+    port = free_port()
+    h = Harness(outbox, uplink_config(port))
+    task = await run(h)
+    try:
+        info = Observation(BOX, "device.online", Severity.INFO, EventState.CLEARED, data={"contact_id": 3350})
+        for _ in range(50):
+            await outbox.append_many([(info, ["police"])] * 100)
+        await outbox.append(panic(), ["police"])
+
+        def troubles() -> list[EventState | None]:
+            return [r.state for r in h.reports if r.type == "uplink.trouble"]
+
+        await eventually(lambda: troubles() == [EventState.ACTIVE], 5)
+        assert h.reports[0].data["code"] == "broker_deadline"
+        assert "not connected" in h.reports[0].data["reason"]
+        with Mosquitto(tmp_path / "b", port=port):
+            await eventually(lambda: outbox.depth("police") == 0, 15)
+            assert outbox.oldest_alarm_age("police") is None  # the alarm too is at the broker
+            await eventually(lambda: troubles() == [EventState.ACTIVE, EventState.CLEARED], 5)
+            await asyncio.sleep(0.5)  # two supervision ticks: nothing more is raised
+            assert troubles() == [EventState.ACTIVE, EventState.CLEARED]
+    finally:
+        await cancel_and_wait(task, timeout=5)

@@ -47,6 +47,10 @@ BACKOFF_CAP: Final = 5.0
 # Bounds on memory, whatever the broker sends.
 MAX_INVALID_TOPICS: Final = 1_000  # topics whose bad payload was reported (then only counted)
 MAX_INFLIGHT: Final = 32  # acks and presence in flight at once: far more than ever needed
+# An "offline" on our own presence topic while we are up is answered with "online" at most
+# once a second: enough to undo a late will at once, too little to feed a loop with another
+# client that keeps writing offline.
+REASSERT_EVERY: Final = 1.0
 
 
 class Console(AlarmDesk):
@@ -65,6 +69,7 @@ class Console(AlarmDesk):
         self._session_task: asyncio.Task[tuple[bool, str, float]] | None = None
         self._down_reason: str | None = None
         self._started = False
+        self._reasserted = -REASSERT_EVERY  # loop time of the last reasserted "online"
 
     # -- public --------------------------------------------------------------------------------
 
@@ -176,6 +181,7 @@ class Console(AlarmDesk):
         """Subscribe (every time: the broker may have forgotten the session), then say online."""
         for topic in self.options.topics:
             await conn.subscribe(topic, qos=1)
+        await conn.subscribe(self.options.presence_topic, qos=1)  # to undo a late will of ours
         self._results_ready.clear()
         for topic_filter in sorted(self._result_filters):
             await conn.subscribe(topic_filter, qos=1)
@@ -231,6 +237,28 @@ class Console(AlarmDesk):
         except TimeoutError:
             return
 
+    def _on_own_presence(self, payload: bytes, retain: bool) -> None:
+        """Sparkplug B's host rule: an "offline" published on our presence topic while we are
+        up (the late will of an earlier session of ours, or another client) is overwritten
+        with "online" at once, or the gateways would hold their events for nobody."""
+        conn = self._conn
+        if retain or self._stop.is_set() or conn is None or not conn.connected:
+            return  # retained: the state before we said online (our own publish follows it)
+        try:
+            online = parse_json_object(payload).get("online")
+        except InvalidPayload:
+            return
+        now = asyncio.get_running_loop().time()
+        if online is not False or now - self._reasserted < REASSERT_EVERY:
+            return
+        self._reasserted = now
+        try:
+            fut = conn.publish(self.options.presence_topic, presence_payload(True), qos=1, retain=True)
+        except UplinkError:
+            return  # the connection is going; the next one announces online anyway
+        fut.add_done_callback(_consume)
+        self._emit("presence", online=True, topic=self.options.presence_topic, reason="reasserted")
+
     def _report_down(self, was_up: bool, reason: str, retry_in: float) -> None:
         """Once per outage (and when the reason changes), not on every failed attempt."""
         if was_up or reason != self._down_reason:
@@ -240,6 +268,9 @@ class Console(AlarmDesk):
     # -- messages ------------------------------------------------------------------------------
 
     def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
+        if topic == self.options.presence_topic:
+            self._on_own_presence(payload, retain)
+            return
         self.counts["messages"] += 1
         kind, base = classify(topic)
         try:
@@ -358,3 +389,9 @@ class Console(AlarmDesk):
 
 def _last_level(base: str) -> str:
     return base.rsplit("/", 1)[-1]
+
+
+def _consume(fut: asyncio.Future[None]) -> None:
+    """Read a publish's outcome so a failed one is not reported as never retrieved."""
+    if not fut.cancelled():
+        fut.exception()
