@@ -26,6 +26,7 @@ import structlog
 
 from gateway.config import PlatformConfig
 from gateway.driver import Outcome, Verdict
+from gateway.errors import OutboxError
 from gateway.events import DeviceRef, EventState, Observation, Severity
 from gateway.logs import RateLimited
 from gateway.outbox import Awaiting, Outbox, Settled
@@ -127,8 +128,8 @@ def _parse_presence(payload: bytes) -> tuple[bool, int | None] | str:
         return f"{len(payload)} bytes; a presence message is a small JSON object"
     try:
         body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return f"not JSON: {exc}"
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return f"not JSON: {str(exc)[:120]}"
     if not isinstance(body, dict) or not isinstance(body.get("online"), bool):
         return 'not {"online": true|false, "timestamp": ms}'
     stamp = body.get("timestamp")
@@ -175,10 +176,16 @@ class AckSupervisor:
         return len(self.outbox.awaiting(self.uplink))
 
     async def tick(self, publish: Publish | None) -> float | None:
-        """Do what is due now; seconds until the next thing falls due (None: nothing open)."""
+        """Do what is due now; seconds until the next thing falls due (None: nothing open).
+
+        Deadlines and repeats are decided on one snapshot without awaiting; the give-ups,
+        which commit, come after it, each re-checked and on its own (one failing does not
+        hold up the rest).
+        """
         wall, mono = time.time(), time.monotonic()
         delivered_upto = self.outbox.acked_upto(self.uplink)
         waits: list[float] = []
+        exhausted: list[Awaiting] = []
         for entry in self.outbox.awaiting(self.uplink):
             waits.append(self._check_deadline(entry, wall))
             if entry.rowid > delivered_upto:
@@ -188,13 +195,16 @@ class AckSupervisor:
             if mono < due:
                 waits.append(due - mono)
             elif entry.repeats >= self.cfg.renotify_limit:
-                await self._give_up(entry)
+                exhausted.append(entry)
             elif publish is not None and publish(entry, repeat_payload(entry.payload, entry.repeats + 1)):
                 entry.repeats += 1
                 self.stats.renotified += 1
                 self._last[entry.event_id] = mono
                 self.outbox.note(entry)
                 waits.append(self.cfg.renotify_interval)
+        recorded = [await self._give_up(entry) for entry in exhausted]
+        if not all(recorded):
+            waits.append(self.cfg.renotify_interval)  # not recorded: try again later
         return min(waits, default=None)
 
     def _check_deadline(self, entry: Awaiting, wall: float) -> float:
@@ -214,11 +224,18 @@ class AckSupervisor:
         self._report(self._trouble(TroubleCode.ACK_DEADLINE, EventState.ACTIVE, reason, entry))
         return float("inf")
 
-    async def _give_up(self, entry: Awaiting) -> None:
-        settlement = await self.outbox.settle(self.uplink, entry.event_id, Settled.EXPIRED)
+    async def _give_up(self, entry: Awaiting) -> bool:
+        """Settle an entry whose repeats are used up; False if that could not be recorded."""
+        if not self.outbox.is_open(self.uplink, entry.event_id):
+            return True  # acknowledged while this tick ran
+        try:
+            settlement = await self.outbox.settle(self.uplink, entry.event_id, Settled.EXPIRED)
+        except OutboxError as exc:
+            self._log.error("could not record giving up on an alarm", event_id=entry.event_id, error=str(exc))
+            return False
         self._last.pop(entry.event_id, None)
-        if settlement.entry is None:
-            return  # acknowledged meanwhile
+        if not settlement.closed_now:
+            return True  # acknowledged meanwhile
         self.stats.expired += 1
         reason = f"no acknowledgement after {entry.repeats} re-notifications; re-notification stopped"
         self._log.error(
@@ -228,6 +245,7 @@ class AckSupervisor:
             repeats=entry.repeats,
         )
         self._report(self._trouble(TroubleCode.ACK_LIMIT, EventState.ACTIVE, reason, entry))
+        return True
 
     async def acknowledge(self, event_id: str) -> Outcome:
         """The platform's alarm.ack for ``event_id``: recorded durably before this returns.
@@ -237,35 +255,23 @@ class AckSupervisor:
         settlement = await self.outbox.settle(self.uplink, event_id, Settled.ACKED)
         self._last.pop(event_id, None)
         entry = settlement.entry
-        if entry is not None:
-            self.stats.acked += 1
-            age = max(0.0, time.time() - entry.created)
-            self._log.info("alarm acknowledged by the platform", event_id=event_id, after=round(age, 3))
-            if settlement.troubled:
-                reason = f"acknowledged after {age:.1f} s"
-                self._report(self._trouble(TroubleCode.ACK_DEADLINE, EventState.CLEARED, reason, entry))
-            detail = f"alarm {event_id} acknowledged after {age:.1f} s and {entry.repeats} re-notifications"
-            return Outcome(Verdict.DONE, None, detail, {"ack": "acknowledged"})
-        if settlement.previous is Settled.EXPIRED:
-            self.stats.acked += 1
-            data = {"event_id": event_id}
-            self._report(
-                trouble(
-                    self.ref,
-                    self.uplink,
-                    TroubleCode.ACK_LIMIT,
-                    EventState.CLEARED,
-                    "acknowledged late",
-                    **data,
-                )
-            )
-            return Outcome(Verdict.DONE, None, f"alarm {event_id} acknowledged (late)", {"ack": "late"})
+        if entry is None:
+            detail = f"{event_id} is not an alarm awaiting this platform's acknowledgement"
+            return Outcome(Verdict.DONE, None, detail, {"ack": "unknown"})
         if settlement.previous is Settled.ACKED:
-            return Outcome(
-                Verdict.DONE, None, f"alarm {event_id} was already acknowledged", {"ack": "already"}
-            )
-        detail = f"{event_id} is not an alarm awaiting this platform's acknowledgement"
-        return Outcome(Verdict.DONE, None, detail, {"ack": "unknown"})
+            detail = f"alarm {event_id} was already acknowledged"
+            return Outcome(Verdict.DONE, None, detail, {"ack": "already"})
+        self.stats.acked += 1
+        age = max(0.0, time.time() - entry.created)
+        self._log.info("alarm acknowledged by the platform", event_id=event_id, after=round(age, 3))
+        reason = f"acknowledged after {age:.1f} s"
+        if entry.troubled:  # its deadline's trouble is active: the acknowledgement clears it
+            self._report(self._trouble(TroubleCode.ACK_DEADLINE, EventState.CLEARED, reason, entry))
+        if settlement.previous is Settled.EXPIRED:
+            self._report(self._trouble(TroubleCode.ACK_LIMIT, EventState.CLEARED, reason, entry))
+            return Outcome(Verdict.DONE, None, f"alarm {event_id} acknowledged (late)", {"ack": "late"})
+        detail = f"alarm {event_id} acknowledged after {age:.1f} s and {entry.repeats} re-notifications"
+        return Outcome(Verdict.DONE, None, detail, {"ack": "acknowledged"})
 
     def _trouble(self, code: TroubleCode, state: EventState, reason: str, entry: Awaiting) -> Observation:
         return trouble(

@@ -241,12 +241,16 @@ class Awaiting:
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
-    """What :meth:`Outbox.settle` found: the entry it closed (None if none was open), how the
-    event had been settled before (None if never), and whether its ack deadline had passed."""
+    """What :meth:`Outbox.settle` found. ``entry``: the event's ledger entry (None: it was
+    never in this uplink's ledger; a settled one has an empty payload); ``previous``: how it
+    had been settled before this call (None: it was open, and this call closed it)."""
 
     entry: Awaiting | None
     previous: Settled | None
-    troubled: bool
+
+    @property
+    def closed_now(self) -> bool:
+        return self.entry is not None and self.previous is None
 
 
 # Settled ledger entries are kept this long (an ack for them is then answered "already")
@@ -320,7 +324,8 @@ class _Lane:
     fresh_bytes: int = 0
     on_wake: Callable[[], object] | None = None  # see Outbox.set_wake_callback
     awaiting: dict[str, Awaiting] = field(default_factory=dict)  # the ack ledger, in rowid order
-    settled: dict[str, tuple[Settled, bool]] = field(default_factory=dict)  # id -> (how, troubled)
+    settled: dict[str, tuple[Settled, Awaiting]] = field(default_factory=dict)  # id -> how, entry
+    settling: dict[str, asyncio.Future[None]] = field(default_factory=dict)  # settles in progress
 
     def trim_fresh(self, upto: int) -> None:
         """Drop rows at or below ``upto`` from ``fresh`` (acked or trimmed)."""
@@ -424,6 +429,21 @@ def _chained(message: str, cause: BaseException) -> OutboxError:
     err = OutboxError(message)
     err.__cause__ = cause
     return err
+
+
+def _settled_record(entry: Awaiting) -> Awaiting:
+    """A settled entry as kept in memory: everything but the payload."""
+    return Awaiting(
+        entry.uplink,
+        entry.event_id,
+        entry.rowid,
+        entry.seq,
+        entry.type,
+        entry.created,
+        b"",
+        entry.repeats,
+        entry.troubled,
+    )
 
 
 def _fail_writes(writes: list[_Write], exc: BaseException) -> None:
@@ -838,40 +858,74 @@ class Outbox:
             wait=False,
         )
 
-    async def settle(self, uplink: str, event_id: str, how: Settled) -> Settlement:
-        """Close the ledger entry of ``event_id`` durably (returns after the commit).
-
-        An acknowledgement of an entry that expired earlier is recorded too (the platform
-        did answer, late). Raises :class:`OutboxError` if the commit failed; the entry
-        then stays open.
-        """
+    def is_open(self, uplink: str, event_id: str) -> bool:
+        """The event is in the uplink's ledger and not settled."""
         lane = self._lane(uplink)
         with self._lock:
-            entry = lane.awaiting.pop(event_id, None)
+            return event_id in lane.awaiting
+
+    async def settle(self, uplink: str, event_id: str, how: Settled) -> Settlement:
+        """Settle the ledger entry of ``event_id`` durably (returns after the commit).
+
+        One settle per event at a time: a second one (an ack racing a give-up, a repeated
+        ack) waits for the first, then decides on what it left. An acknowledgement of an
+        entry that expired earlier is recorded too (the platform did answer, late). Raises
+        :class:`OutboxError` if the commit failed; the entry then stays open. Cancelled
+        after the write was queued, the write still commits and the entry is settled then.
+        """
+        lane = self._lane(uplink)
+        assert self._loop is not None
+        while (busy := lane.settling.get(event_id)) is not None:
+            await asyncio.shield(busy)  # resolves (never fails) when that settle is over
+        mine = lane.settling[event_id] = self._loop.create_future()
+        try:
+            return await self._settle(lane, event_id, how)
+        finally:
+            del lane.settling[event_id]
+            mine.set_result(None)
+
+    async def _settle(self, lane: _Lane, event_id: str, how: Settled) -> Settlement:
+        with self._lock:
+            entry = lane.awaiting.get(event_id)
             before = lane.settled.get(event_id)
-        previous = before[0] if before else None
-        if entry is None and (previous is None or previous is how or how is Settled.EXPIRED):
-            return Settlement(None, previous, bool(before and before[1]))
-        troubled = entry.troubled if entry is not None else bool(before and before[1])
+        if entry is None:
+            if before is None:
+                return Settlement(None, None)
+            if before[0] is how or how is Settled.EXPIRED:
+                return Settlement(before[1], before[0])
         fut = self._queue_write(
             "UPDATE awaiting SET state = ?, settled = ? WHERE uplink = ? AND event_id = ?",
-            (how.value, time.time(), uplink, event_id),
+            (how.value, time.time(), lane.name, event_id),
             wait=True,
         )
+        assert fut is not None
         try:
-            if fut is not None:
-                await fut
-        except BaseException:
-            if entry is not None:
-                with self._lock:
-                    lane.awaiting.setdefault(event_id, entry)
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(functools.partial(self._settled_later, lane, event_id, how))
             raise
+        record = self._settled(lane, event_id, how)
+        return Settlement(
+            entry if entry is not None else record,
+            None if entry is not None else before[0] if before else None,
+        )
+
+    def _settled_later(self, lane: _Lane, event_id: str, how: Settled, fut: asyncio.Future[None]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self._settled(lane, event_id, how)
+
+    def _settled(self, lane: _Lane, event_id: str, how: Settled) -> Awaiting | None:
+        """After the commit: move the entry from open to settled (in memory)."""
         with self._lock:
-            lane.settled.pop(event_id, None)
-            lane.settled[event_id] = (how, troubled)
+            entry = lane.awaiting.pop(event_id, None)
+            before = lane.settled.pop(event_id, None)
+            record = entry if entry is not None else before[1] if before is not None else None
+            if record is None:
+                return None
+            lane.settled[event_id] = (how, _settled_record(record))
             while len(lane.settled) > SETTLED_MEMORY:
                 del lane.settled[next(iter(lane.settled))]
-        return Settlement(entry, previous, troubled)
+        return record
 
     def _queue_write(self, sql: str, params: tuple[Any, ...], *, wait: bool) -> asyncio.Future[None] | None:
         if self._state is not _State.OPEN or self._loop is None:
@@ -1461,7 +1515,8 @@ class Outbox:
                     uplink, event_id, rowid, seq, type_, created, bytes(payload), repeats, bool(troubled)
                 )
             elif state in Settled.__members__.values():
-                lane.settled[event_id] = (Settled(state), bool(troubled))
+                record = Awaiting(uplink, event_id, rowid, seq, type_, created, b"", repeats, bool(troubled))
+                lane.settled[event_id] = (Settled(state), record)
                 while len(lane.settled) > SETTLED_MEMORY:
                     del lane.settled[next(iter(lane.settled))]
 

@@ -54,6 +54,10 @@ STALL_MIN = 10.0
 # often: deadlines are whole seconds (2 s, 30 s), so a quarter second is precise enough,
 # and a look costs a few dict reads.
 SUPERVISE_TICK = 0.25
+# A session that ends within a second of its CONNACK was refused in effect (a subscription
+# the broker's ACL refuses, a second client with our id): retry after the backoff, not at
+# once, or the uplink would reconnect in a tight loop.
+SESSION_STABLE = 1.0
 
 
 class UplinkState(enum.StrEnum):
@@ -173,6 +177,7 @@ class Uplink:
 
     async def run(self) -> None:
         supervisor = asyncio.create_task(self._supervise_loop(), name=f"uplink:{self.name}:supervise")
+        supervisor.add_done_callback(self._supervisor_ended)
         try:
             await self._run_sessions()
         finally:
@@ -221,9 +226,11 @@ class Uplink:
             on_message=self._on_message if self._commands is not None or self.presence.topic else None,
         )
         established = False
+        up_since = 0.0
         try:
             async with conn:
                 established = True
+                up_since = time.monotonic()
                 self.stats.connects += 1
                 self.state = UplinkState.CONNECTED
                 self._limiter.clear("connect")
@@ -236,7 +243,7 @@ class Uplink:
             suppressed = self._limiter.should_log("connect")
             if suppressed is not None:
                 self._log.warning("uplink down", endpoint=str(endpoint), error=str(exc), repeats=suppressed)
-            return established
+            return established and time.monotonic() - up_since >= SESSION_STABLE
         except _Failover:
             self.stats.failovers += 1
             return False
@@ -528,6 +535,14 @@ class Uplink:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._supervise_wake.wait()
+
+    def _supervisor_ended(self, task: asyncio.Task[None]) -> None:
+        """The supervision loop ends only when cancelled; anything else is a bug to shout about
+        (held alarms, re-notification and ack deadlines would stop silently)."""
+        if not task.cancelled() and task.exception() is not None:
+            self._log.critical(
+                "delivery supervision stopped", error=repr(task.exception()), exc_info=task.exception()
+            )
 
     def _check_held_alarms(self) -> None:
         """An alarm still short of the broker ``alarm_deadline`` after it happened is trouble,

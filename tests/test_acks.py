@@ -75,8 +75,9 @@ async def test_settle_is_durable_and_answers_repeated_acks(tmp_path: Path) -> No
         assert settled.entry.event_id == first.id
         assert settled.previous is None
         again = await outbox.settle("police", first.id, Settled.ACKED)
-        assert again.entry is None
+        assert again.entry is not None
         assert again.previous is Settled.ACKED
+        assert not again.closed_now
         unknown = await outbox.settle("police", "0190b7c2-0000-7000-8000-000000000000", Settled.ACKED)
         assert unknown.entry is None
         assert unknown.previous is None
@@ -93,9 +94,11 @@ async def test_an_expired_entry_acknowledged_late_is_recorded(tmp_path: Path) ->
     async with open_outbox(path) as outbox:
         event = await outbox.append(panic(), ["police"])
         expired = await outbox.settle("police", event.id, Settled.EXPIRED)
-        assert expired.entry is not None
+        assert expired.closed_now
+        again = await outbox.settle("police", event.id, Settled.EXPIRED)
+        assert (again.previous, again.closed_now) == (Settled.EXPIRED, False)
         late = await outbox.settle("police", event.id, Settled.ACKED)
-        assert late.entry is None
+        assert late.entry is not None
         assert late.previous is Settled.EXPIRED
     assert ledger(path) == [("police", event.id, "acked", 0)]
 
@@ -274,6 +277,54 @@ async def test_an_ack_stops_renotification_and_clears_the_deadline_trouble(tmp_p
         await run_ticks(sup, rec, 1.2)
         assert len(rec.published) == 1  # nothing after the ack
         assert (await sup.acknowledge(event.id)).data["ack"] == "already"
+
+
+async def test_an_ack_racing_a_give_up_is_recorded_and_clears_both_troubles(tmp_path: Path) -> None:
+    rec = Recorder()
+    async with open_outbox(tmp_path / "outbox.db") as outbox:
+        sup = supervisor(outbox, rec, renotify_limit=0, ack_deadline=0.1)
+        event = await outbox.append(panic(), ["police"])
+        await deliver(outbox, "police")
+        for _ in range(100):  # the deadline passes (bounded: 100 x 10 ms)
+            if outbox.awaiting("police")[0].troubled:
+                break
+            await sup.tick(None)
+            await asyncio.sleep(0.01)
+        entry = outbox.awaiting("police")[0]
+        # The give-up and the platform's ack at the same moment: the ack waits for the
+        # give-up's commit, then records the ack (late) instead of answering "unknown".
+        give_up = asyncio.create_task(sup._give_up(entry))
+        await asyncio.sleep(0)  # the give-up's write is queued first
+        outcome = await sup.acknowledge(event.id)
+        assert await give_up
+        assert outcome.data["ack"] == "late"
+        assert rec.troubles(TroubleCode.ACK_LIMIT) == [("active", event.id), ("cleared", event.id)]
+        assert rec.troubles(TroubleCode.ACK_DEADLINE) == [("active", event.id), ("cleared", event.id)]
+    assert ledger(tmp_path / "outbox.db") == [("police", event.id, "acked", 0)]
+
+
+async def test_a_cancelled_settle_still_settles_when_its_write_commits(tmp_path: Path) -> None:
+    async with open_outbox(tmp_path / "outbox.db") as outbox:
+        event = await outbox.append(panic(), ["police"])
+        task = asyncio.create_task(outbox.settle("police", event.id, Settled.ACKED))
+        await asyncio.sleep(0)  # the write is queued
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await eventually(lambda: not outbox.is_open("police", event.id))
+        assert (await outbox.settle("police", event.id, Settled.ACKED)).previous is Settled.ACKED
+    assert ledger(tmp_path / "outbox.db") == [("police", event.id, "acked", 0)]
+
+
+async def test_a_settle_on_a_closed_outbox_keeps_the_entry_open(tmp_path: Path) -> None:
+    from gateway.errors import OutboxError
+
+    outbox = open_outbox(tmp_path / "outbox.db")
+    async with outbox:
+        event = await outbox.append(panic(), ["police"])
+    with pytest.raises(OutboxError):
+        await outbox.settle("police", event.id, Settled.ACKED)
+    assert outbox.is_open("police", event.id)
 
 
 async def test_no_repeats_while_the_uplink_cannot_publish(tmp_path: Path) -> None:

@@ -198,3 +198,35 @@ async def test_a_late_alarm_in_a_drained_backlog_raises_trouble_once_and_clears_
             assert troubles() == [EventState.ACTIVE, EventState.CLEARED]
     finally:
         await cancel_and_wait(task, timeout=5)
+
+
+async def test_a_session_refused_right_after_connack_backs_off_instead_of_spinning(
+    outbox: Outbox,
+) -> None:
+    # A broker that accepts the connection and drops it at the first SUBSCRIBE (an ACL that
+    # refuses the presence topic, a second client with our id): the uplink must retry with
+    # its backoff, not reconnect in a tight loop.
+    accepted = 0
+
+    async def refuse_after_connack(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.read(1024)  # CONNECT
+        writer.write(bytes([0x20, 0x02, 0x00, 0x00]))  # CONNACK, accepted
+        await writer.drain()
+        await reader.read(1024)  # SUBSCRIBE: refused by closing
+        writer.close()
+
+    server = await asyncio.start_server(refuse_after_connack, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = uplink_config(port, platform={"presence_topic": "platform/police/state", "ack_types": []})
+    h = Harness(outbox, cfg)
+    async with server:
+        task = await run(h)
+        try:
+            await eventually(lambda: accepted >= 2, 10)
+            first = accepted
+            await asyncio.sleep(2.0)  # backoff 0.05 s doubling to the 0.5 s cap: about 6 more
+            assert accepted - first <= 15, accepted
+        finally:
+            await cancel_and_wait(task, timeout=5)
