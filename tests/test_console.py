@@ -30,12 +30,14 @@ from gateway.console import (
     Console,
     ConsoleOptions,
     HumanView,
+    InvalidPayload,
     JsonLines,
     RecentIds,
     SeqTracker,
     UsageError,
     classify,
 )
+from gateway.console.messages import choice_field, parse_json_object
 from gateway.events import (
     DeviceKind,
     DeviceRef,
@@ -142,13 +144,24 @@ class Client:
         return [(json.loads(p), r) for t, p, r in list(self.messages) if t == topic]
 
 
-class FakeGateway(Client):
-    """Publishes events; answers each alarm.ack it receives (accepted, then done) after checking
-    its signature, or stays silent with ``reply=False`` (a lost ack)."""
+def accepted_then_done(cmd: dict[str, Any]) -> list[bytes]:
+    return [result_payload(cmd["id"], cmd["name"], status) for status in (Status.ACCEPTED, Status.DONE)]
 
-    def __init__(self, port: int, *, reply: bool = True) -> None:
+
+class FakeGateway(Client):
+    """Publishes events; answers each alarm.ack it receives (``answer``: accepted, then done)
+    after checking its signature, or stays silent with ``reply=False`` (a lost ack)."""
+
+    def __init__(
+        self,
+        port: int,
+        *,
+        reply: bool = True,
+        answer: Callable[[dict[str, Any]], list[bytes]] = accepted_then_done,
+    ) -> None:
         super().__init__(port, "campus/+/+/+/cmd/#")
         self.reply = reply
+        self.answer = answer
         self.commands: list[tuple[str, dict[str, Any]]] = []
         self.forged: list[str] = []
 
@@ -165,8 +178,7 @@ class FakeGateway(Client):
         if not self.reply:
             return
         base = topic.rsplit("/cmd/", 1)[0]
-        for status in (Status.ACCEPTED, Status.DONE):
-            body = result_payload(cmd["id"], cmd["name"], status)
+        for body in self.answer(cmd):
             self.conn.publish(f"{base}/cmd-result/{cmd['id']}", body, qos=1).add_done_callback(_consume)
 
 
@@ -203,7 +215,9 @@ async def barrier(gw: FakeGateway, records: list[Record], seq: int) -> None:
 # -- presence ---------------------------------------------------------------------------------
 
 
-def start_cli(tmp_path: Path, port: int, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+def start_cli(
+    tmp_path: Path, port: int, *extra: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     out = tmp_path / f"console-{uuid.uuid4().hex[:6]}.jsonl"
     with out.open("wb") as stdout, (tmp_path / "console.err").open("ab") as stderr:
         proc = subprocess.Popen(
@@ -211,7 +225,7 @@ def start_cli(tmp_path: Path, port: int, *extra: str) -> tuple[subprocess.Popen[
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     return proc, out
 
@@ -449,6 +463,151 @@ async def test_the_operator_acks_by_number_or_the_oldest_with_enter(broker: Mosq
             os.close(write_end)
 
 
+def final_reply(
+    cmd: dict[str, Any], status: Status, reason: str | None, detail: str, **results: dict[str, Any]
+) -> list[bytes]:
+    """accepted, then ``status`` with ``results`` (the gateway's own entry and the box's)."""
+    return [
+        result_payload(cmd["id"], cmd["name"], Status.ACCEPTED),
+        result_payload(cmd["id"], cmd["name"], status, reason=reason, detail=detail, results=results),
+    ]
+
+
+def led_failed(ack: str) -> Callable[[dict[str, Any]], list[bytes]]:
+    """The gateway's answer when the ack is ``ack`` (recorded, or unknown) but the LED failed."""
+
+    def answer(cmd: dict[str, Any]) -> list[bytes]:
+        box = cmd["target"]
+        return final_reply(
+            cmd,
+            Status.FAILED,
+            "unavailable",
+            f"1 of 2 done; {box}: unavailable (no answer from the box)",
+            gateway={"status": "done", "reason": None, "detail": f"ack: {ack}", "ack": ack},
+            **{box: {"status": "failed", "reason": "unavailable", "detail": "no answer from the box"}},
+        )
+
+    return answer
+
+
+def not_stored(cmd: dict[str, Any]) -> list[bytes]:
+    """The gateway could not record the ack (no results.gateway.ack): try again."""
+    failure = {"status": "failed", "reason": "storage", "detail": "the acknowledgement could not be recorded"}
+    return final_reply(cmd, Status.FAILED, "storage", "disk full", gateway=failure)
+
+
+def recorded(cmd: dict[str, Any]) -> list[bytes]:
+    ok = {"status": "done", "reason": None, "detail": "acknowledged", "ack": "acknowledged"}
+    return final_reply(
+        cmd, Status.DONE, None, "2 of 2 done", gateway=ok, **{cmd["target"]: {"status": "done"}}
+    )
+
+
+def refused(cmd: dict[str, Any]) -> list[bytes]:
+    return [
+        result_payload(cmd["id"], cmd["name"], Status.REFUSED, reason="expired", detail="expired 41 s ago")
+    ]
+
+
+async def test_an_ack_the_gateway_recorded_is_done_even_if_the_box_led_failed(broker: Mosquitto) -> None:
+    """results.gateway.ack decides, not the overall status: an ack recorded with the LED
+    failing is done (the LED is a note), ``unknown`` leaves nothing to retry, and only an ack
+    the gateway did not record is offered to the operator again."""
+    led_ok, not_recorded, unknown, too_late = alarm(1), alarm(2, BOX2), alarm(3), alarm(4, BOX2)
+    plan: dict[str, list[Callable[[dict[str, Any]], list[bytes]]]] = {
+        led_ok.id: [led_failed("acknowledged")],
+        not_recorded.id: [not_stored, recorded],  # the operator's second try gets through
+        unknown.id: [led_failed("unknown")],
+        too_late.id: [refused],
+    }
+
+    def answer(cmd: dict[str, Any]) -> list[bytes]:
+        return plan[cmd["args"]["event_id"]].pop(0)(cmd)
+
+    def finals(ev: Event) -> list[Record]:
+        return [r for r in of_kind(records, "ack_result", event_id=ev.id) if r["status"] != "accepted"]
+
+    alarms = (led_ok, not_recorded, unknown, too_late)
+    async with (
+        FakeGateway(broker.port, answer=answer) as gw,
+        running(options(broker.port, key=KEY)) as (
+            console,
+            records,
+        ),
+    ):
+        for ev in alarms:
+            await gw.send(ev)
+        await eventually(lambda: len(console.unacked) == 4)
+        for ev in alarms:
+            assert console.ack(ev.id)
+        await eventually(lambda: all(finals(ev) for ev in alarms))
+        assert console.unacked == [not_recorded.id, too_late.id]  # offered again: not recorded
+        assert console.ack(not_recorded.id)
+        await eventually(lambda: len(finals(not_recorded)) == 2)
+        assert console.unacked == [too_late.id]
+
+    (led,) = finals(led_ok)
+    assert (led["status"], led["ack"], led["settled"], led["number"]) == (
+        "failed",
+        "acknowledged",
+        True,
+        None,
+    )
+    assert led["notes"] == ["box-1: failed (unavailable: no answer from the box)"]
+    first, second = finals(not_recorded)
+    assert (first["ack"], first["settled"], first["number"]) == (None, False, 1)
+    assert (second["ack"], second["settled"], second["number"]) == ("acknowledged", True, None)
+    (unk,) = finals(unknown)
+    assert (unk["status"], unk["ack"], unk["settled"], unk["number"]) == ("failed", "unknown", True, None)
+    (late,) = finals(too_late)
+    assert (late["status"], late["settled"], late["number"]) == ("refused", False, 2)
+
+    view = HumanView(io.StringIO())
+    shown = {ev.id: [str(view.render(r)) for r in finals(ev)] for ev in alarms}
+    (line,) = shown[led_ok.id]
+    assert "ack recorded for" in line
+    assert "box-1: failed (unavailable: no answer from the box)" in line
+    assert "try again" not in line
+    assert "ack FAILED" in shown[not_recorded.id][0]
+    assert "storage: disk full  [1] to try again" in shown[not_recorded.id][0]
+    assert "ack DONE for" in shown[not_recorded.id][1]
+    (line,) = shown[unknown.id]
+    assert "ack UNKNOWN" in line
+    assert "nothing to retry" in line
+    assert "try again" not in line
+    assert "ack REFUSED" in shown[too_late.id][0]
+    assert "[2] to try again" in shown[too_late.id][0]
+
+
+async def test_auto_ack_is_sent_before_the_alarm_is_shown() -> None:
+    """A sink that cannot show the alarm (here: its output cannot encode it) must not hold
+    its acknowledgement back; the failure is counted and reported like a bad payload."""
+    records: list[Record] = []
+
+    def sink(record: Record) -> None:
+        if record["kind"] == "event":
+            raise UnicodeEncodeError("ascii", "caf\u00e9", 3, 4, "ordinal not in range(128)")
+        records.append(record)
+
+    console = Console(options(free_port(), key=KEY, auto_ack=True, ack_retry_after=0.01), sink)
+    ev = alarm(1)
+    console._on_message(topic_of(ev), ev.payload, False)
+    assert [r["event_id"] for r in of_kind(records, "ack_queued")] == [ev.id]  # sent once connected
+    assert console.counts["invalid"] == 1
+    (invalid,) = of_kind(records, "invalid")
+    assert "UnicodeEncodeError" in invalid["reason"]
+    # A repeat long after our ack (it got lost): the fresh ack goes before the record too.
+    console._alarms[ev.id].acked_at = asyncio.get_running_loop().time() - 1
+    console._on_message(topic_of(ev), repeat_of(ev, 1), False)
+    assert [r["event_id"] for r in of_kind(records, "ack_queued")] == [ev.id, ev.id]
+    assert console.counts["invalid"] == 2
+    shown: list[Record] = []  # a sink that works: the alarm's record still comes first
+    Console(options(free_port(), key=KEY, auto_ack=True), shown.append)._on_message(
+        topic_of(ev), ev.payload, False
+    )
+    assert [r["kind"] for r in shown] == ["event", "ack_queued"]
+
+
 async def test_q_quits_and_without_a_key_alarms_are_only_shown(broker: Mosquitto) -> None:
     read_end, write_end = os.pipe()
     try:
@@ -564,6 +723,144 @@ async def test_bad_payloads_are_counted_reported_once_per_topic_and_never_crash(
     assert "contact_id" in reported[2]["reason"]
     assert "seq" in reported[3]["reason"]
     assert "does not match the topic" in reported[4]["reason"]
+
+
+def edited(ev: Event, device: dict[str, Any] | None = None, **fields: Any) -> bytes:
+    """The event's payload with some fields (and device fields) replaced."""
+    body = json.loads(ev.payload)
+    body.update(fields)
+    body["device"].update(device or {})
+    return json.dumps(body).encode()
+
+
+def offline_console(sink: Callable[[Record], None], **kw: Any) -> Console:
+    """A console never connected: its message handling is called directly."""
+    return Console(options(free_port(), **kw), sink)
+
+
+OWN_COLORS = ("\x1b[1;31m", "\x1b[33m", "\x1b[2m", "\x1b[0m")  # the view's own
+
+
+def unsafe(text: str) -> list[str]:
+    """The control characters (C0 but newline, DEL, C1) and lone surrogates in ``text``."""
+    return [
+        c
+        for c in text
+        if c != "\n" and (ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or 0xD800 <= ord(c) <= 0xDFFF)
+    ]
+
+
+async def test_the_human_view_escapes_control_characters_from_payloads() -> None:
+    """Whatever a publisher puts in a device name, a reason or a topic reaches the terminal
+    as visible escapes, never as a control sequence; the view's own colors still work."""
+    out = io.StringIO()
+    console = offline_console(HumanView(out, color=True))
+    ev = alarm(1)
+    hostile = edited(
+        ev,
+        device={"id": "box\x1b[2J", "name": "\x1b]0;owned\x07", "location": "\x9b31mgate\x7f"},
+        gateway="gw\r\n-1",
+        school="s\x1bc",
+        occurred_at="\x1b[5m2026",
+    )
+    console._on_message(topic_of(ev), hostile, False)
+    console._on_message(f"{BASE}/status", b'{"state":"on\\u001b[8mline"}', False)
+    reply = {"id": "x\x1b[1A", "name": "n\x9b2K", "status": "done", "reason": ["\x1b[2J"], "detail": "d\x07"}
+    console._on_message(f"{BASE}/cmd-result/x", json.dumps(reply).encode(), False)
+    console._on_message(f"{BASE}/events/x\x1b[2J/y", b"not json", False)
+    console._on_message(f"{BASE}/snapshots/\x1b[2J", b"jpeg", False)
+    text = out.getvalue()
+    assert len(text.splitlines()) == 5  # one line each: no payload adds one (CR LF escaped)
+    own = text
+    for color in OWN_COLORS:
+        own = own.replace(color, "")
+    assert unsafe(own) == []
+    for visible in (
+        "box\\x1b[2J",
+        "\\x1b]0;owned\\x07",
+        "\\x9b31mgate\\x7f",
+        "gw\\x0d\\x0a-1",
+        "\\x1b[5m2026",
+    ):
+        assert visible in text
+    for visible in ("on\\x1b[8mline", "x\\x1b[1A", "n\\x9b2K", "d\\x07", "events/x\\x1b[2J/y", "..\\x1b[2J"):
+        assert visible in text
+    alarm_line = text.splitlines()[0]
+    assert alarm_line.startswith("\x1b[1;31m")  # still red, bold
+    assert alarm_line.endswith("\x1b[0m")
+    assert console.counts["invalid"] == 1
+
+
+async def test_hostile_values_are_invalid_payloads_not_exceptions() -> None:
+    """A list or an object where a choice (state, status, severity) belongs is refused by
+    the field's check, like any other bad value, not by a TypeError."""
+    records: list[Record] = []
+    console = offline_console(records.append)
+    fire = edited(alarm(2), type="alarm.fire", state={})
+    hostile = [
+        (topic_of(alarm(1)), edited(alarm(1), state=[1]), "state: [1] is not one of"),
+        (f"{BASE}/events/alarm/fire", fire, "state: {} is not one of"),
+        (f"{BASE}/cmd-result/x", b'{"id":"x","status":{}}', "status: {} is not one of"),
+        (f"{BASE}/cmd-result/y", b'{"id":"y","status":["done"]}', "status: ['done'] is not one of"),
+        (topic_of(info(3)), edited(info(3), severity=[]), "severity: [] is not one of"),
+    ]
+    for topic, payload, _ in hostile:
+        console._on_message(topic, payload, False)
+    assert console.counts["invalid"] == len(hostile)
+    reported = of_kind(records, "invalid")
+    assert [r["topic"] for r in reported] == [topic for topic, *_ in hostile]
+    for record, (*_, reason) in zip(reported, hostile, strict=True):
+        assert record["reason"].startswith(reason), record["reason"]
+    with pytest.raises(InvalidPayload):
+        choice_field({"state": [1]}, "state", frozenset({"active"}))
+    with pytest.raises(InvalidPayload):
+        choice_field({"status": {}}, "status", frozenset({"done"}))
+
+
+async def test_a_time_past_year_9999_here_is_shown_as_sent() -> None:
+    out = io.StringIO()
+    console = offline_console(HumanView(out))
+    ev = alarm(1)
+    console._on_message(topic_of(ev), edited(ev, occurred_at="9999-12-31T23:59:59-12:00"), False)
+    assert console.counts["invalid"] == 0
+    (line,) = out.getvalue().splitlines()
+    assert line.startswith("9999-12-31T23:59:59-12:00 ALARM")
+    assert HumanView(io.StringIO()).render(
+        {"kind": "notice", "at": "9999-12-31T23:59:59-12:00", "message": "x"}
+    )
+
+
+async def test_a_lone_surrogate_is_written_escaped_by_both_sinks() -> None:
+    ev = alarm(1)
+    payload = edited(ev, device={"name": "caf\u00e9 \ud800"})  # JSON: "caf\u00e9 \ud800"
+    assert b"\\ud800" in payload
+    human_bytes, json_bytes = io.BytesIO(), io.BytesIO()
+    human = io.TextIOWrapper(human_bytes, encoding="utf-8")  # strict, as a UTF-8 terminal
+    lines = io.TextIOWrapper(json_bytes, encoding="utf-8")
+    for stream, sink in ((human, HumanView(human)), (lines, JsonLines(lines))):
+        console = offline_console(sink)
+        console._on_message(topic_of(ev), payload, False)
+        assert console.counts["invalid"] == 0
+        stream.flush()
+    assert "box-1 (caf\u00e9 \\ud800, Main gate)" in human_bytes.getvalue().decode()
+    (record,) = [json.loads(line) for line in json_bytes.getvalue().decode().splitlines()]
+    assert record["device_name"] == "caf\u00e9 \ud800"  # the same JSON value, escaped
+
+
+async def test_json_nested_too_deep_for_the_sinks_is_an_invalid_payload() -> None:
+    """A value nested just under the parser's limit would overflow the stack of the sink
+    that re-serialises it: such a payload is refused when parsed, at any depth."""
+    for sink_type in (JsonLines, HumanView):
+        out = io.StringIO()
+        console = offline_console(sink_type(out))
+        for depth in range(1, 1_000):
+            payload = '{"id":"x","status":"done","name":' + "[" * depth + "]" * depth + "}"
+            console._on_message(f"{BASE}/cmd-result/d{depth}", payload.encode(), False)
+        assert console.counts["other_results"] + console.counts["invalid"] == 999
+        assert console.counts["invalid"] == 999 - 31  # up to 32 levels: the object and 31 lists
+    with pytest.raises(InvalidPayload, match="nested"):
+        parse_json_object(b'{"a":' * 33 + b"1" + b"}" * 33)
+    assert parse_json_object(b'{"a":' * 31 + b"1" + b"}" * 31)
 
 
 async def test_status_snapshots_heartbeats_and_foreign_replies_are_shown(broker: Mosquitto) -> None:
@@ -687,6 +984,27 @@ def test_bad_cli_input_exits_2_with_a_clear_message(
     assert "invalid float value" in capsys.readouterr().err
 
 
+async def test_the_cli_writes_what_its_output_encoding_cannot_hold_escaped(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    """An ASCII stdout (LANG=C, a serial console) and a device name in another script: the
+    line is written with a backslash escape, not lost to a UnicodeEncodeError."""
+    cafe = DeviceRef("box-9", DeviceKind.ALARM_BOX, "Caf\u00e9 \u2603", "Main gate")
+    proc, out = start_cli(tmp_path, broker.port, env={"PYTHONIOENCODING": "ascii"})
+    try:
+        await eventually(lambda: b" connected to " in out.read_bytes(), timeout=PROCESS_TIMEOUT)
+        async with FakeGateway(broker.port) as gw:
+            await gw.send(alarm(1, cafe))
+            await eventually(lambda: b"box-9" in out.read_bytes())
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc) == 0
+    finally:
+        end(proc)
+    text = out.read_bytes().decode("ascii")
+    assert "box-9 (Caf\\xe9 \\u2603, Main gate)" in text
+    assert "Traceback" not in (tmp_path / "console.err").read_text()
+
+
 def test_console_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["console", "--help"])
@@ -734,6 +1052,22 @@ def test_seq_tracker_gaps_late_fills_repeats_and_bounds() -> None:
     assert seqs.see("a", 2) == seqs.see("b", 1)  # both plain
     seqs.see("c", 1)  # a third gateway: the least recently seen ("a") is dropped
     assert seqs.see("a", 100).gap is None
+
+
+def test_seq_tracker_stays_bounded_when_fills_split_ranges() -> None:
+    """Each seq arriving from the middle of a missing range splits it in two: the cap holds
+    after a split too (the oldest ranges go), not only when a gap adds one."""
+    seqs = SeqTracker(max_ranges=10)
+    seqs.see("a", 1)
+    assert seqs.see("a", 1_002).gap == (2, 1_001)
+    assert all(seqs.see("a", seq).late for seq in range(3, 1_000, 2))  # 2, 4, ... 998 still missing
+    newest = [(seq, seq) for seq in range(982, 1_000, 2)] + [(1_000, 1_001)]
+    assert seqs.missing("a") == 11  # not 501: 500 ranges, 490 of them over the cap
+    assert seqs.missing_ranges("a") == newest
+    assert seqs.see("a", 2).unexpected  # forgotten: only out of order now
+    assert seqs.see("a", 1_000).late
+    assert seqs.see("a", 982).late
+    assert seqs.missing_ranges("a") == [*newest[1:-1], (1_001, 1_001)]
 
 
 def test_recent_ids_are_bounded() -> None:

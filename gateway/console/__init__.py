@@ -18,7 +18,10 @@ alarms with a signed ``alarm.ack`` command. It does what a platform should do:
   per topic.
 * Acknowledgement of active alarms: at once (``--auto-ack``) or when the operator types
   the alarm's number (or just Enter for the oldest). Replies (``cmd-result/{id}``) are
-  matched to the alarm.
+  matched to the alarm; their ``results.gateway.ack`` decides: an ack the gateway recorded
+  is done even if the box's LED failed (shown as a note), and only one it did not record
+  is offered to the operator again.
+* Payload text is shown escaped: no control character from a broker reaches the terminal.
 
 :class:`Console` turns all of it into records (dicts with a ``kind``) for a sink:
 :class:`JsonLines` writes one JSON object per line, :class:`HumanView` one readable line.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import signal
 import stat
@@ -129,6 +130,7 @@ def _cmd_console(args: argparse.Namespace) -> int:
     logs.configure(args.log_level, "console" if sys.stderr.isatty() else "json", stream=sys.stderr)
     try:
         options = options_from_args(args)
+        _safe_output(sys.stdout)
         sink: Sink = JsonLines(sys.stdout) if args.json else HumanView(sys.stdout, color=sys.stdout.isatty())
         console = Console(options, sink)
     except UsageError as exc:
@@ -136,6 +138,13 @@ def _cmd_console(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     asyncio.run(run_until_signalled(console))
     return EXIT_OK
+
+
+def _safe_output(stream: IO[str]) -> None:
+    """What the output's encoding cannot hold (a payload's text on an ASCII or Latin-1
+    terminal) is written as a backslash escape, never an error that loses the line."""
+    if isinstance(stream, io.TextIOWrapper):
+        stream.reconfigure(errors="backslashreplace")
 
 
 async def run_until_signalled(console: Console) -> None:

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any, Final
 
 from gateway.backoff import Backoff
 from gateway.console.desk import AlarmDesk
 from gateway.console.messages import (
     RESULT_STATUSES,
-    RETRYABLE,
     ConsoleEvent,
     InvalidPayload,
+    ack_reply,
     choice_field,
     classify,
     parse_event,
@@ -51,6 +52,11 @@ MAX_INFLIGHT: Final = 32  # acks and presence in flight at once: far more than e
 # once a second: enough to undo a late will at once, too little to feed a loop with another
 # client that keeps writing offline.
 REASSERT_EVERY: Final = 1.0
+# The last-resort guard of message handling: what a payload no check foresaw can still raise
+# (a value of an odd type, a number out of range, text the output cannot encode). Parsing
+# raises InvalidPayload for everything known; these are reported the same way, once per
+# topic, rather than through the loop's exception handler with the message half handled.
+UNEXPECTED: Final = (TypeError, ValueError, OverflowError)
 
 
 class Console(AlarmDesk):
@@ -294,14 +300,16 @@ class Console(AlarmDesk):
                 self.counts["other"] += 1
         except InvalidPayload as exc:
             self._invalid(topic, str(exc))
+        except UNEXPECTED as exc:  # a payload no check foresaw: counted and reported like one
+            self._invalid(topic, f"cannot handle it: {type(exc).__name__}: {exc}")
 
     def _on_event(self, topic: str, payload: bytes) -> None:
         ev = parse_event(topic, payload)
         self.counts["events"] += 1
         if not self._ids.add(ev.id):
             self.counts["duplicates"] += 1
-            self._emit_event(ev, SeqVerdict(), duplicate=True, number=None)
-            self._on_duplicate(ev)
+            show = partial(self._emit_event, ev, SeqVerdict(), duplicate=True, number=None)
+            self._ack_first(partial(self._on_duplicate, ev), show)  # a fresh ack if due
             return
         verdict = self._seqs.see(f"{ev.school}/{ev.gateway}", ev.seq, repeat=ev.repeat is not None)
         self.counts["gaps"] += verdict.gap is not None
@@ -309,9 +317,11 @@ class Console(AlarmDesk):
         if ev.is_alarm:
             self.counts["alarms"] += 1
         alarm = self._track_alarm(ev) if ev.needs_ack else None
-        self._emit_event(ev, verdict, duplicate=False, number=alarm.number if alarm else None)
+        show = partial(self._emit_event, ev, verdict, duplicate=False, number=alarm.number if alarm else None)
         if alarm is not None and self.options.auto_ack:
-            self._send_ack(alarm)
+            self._ack_first(partial(self._send_ack, alarm), show)
+        else:
+            show()
 
     def _on_duplicate(self, ev: ConsoleEvent) -> None:
         """A repeat of an alarm acked a while ago: our ack, or its reply, got lost. Again."""
@@ -337,14 +347,22 @@ class Console(AlarmDesk):
             self.counts["other_results"] += 1
             self._emit("cmd_result", topic=topic, name=obj.get("name"), **fields)
             return
+        assert status is not None, "not optional"
         self.counts[f"ack_{status}"] += 1
+        reply = ack_reply(obj)
         alarm = self._alarms.get(event_id)
-        number = None
-        if alarm is not None and status in RETRYABLE and not self.options.auto_ack:
-            number = self._offer(alarm)  # the operator may try again
+        settled, number = self._settle(alarm, status, reply) if alarm is not None else (False, None)
         extra = {"type": alarm.event.type, "device": alarm.event.device} if alarm is not None else {}
         self._emit(
-            "ack_result", event_id=event_id, number=number, results=obj.get("results"), **fields, **extra
+            "ack_result",
+            event_id=event_id,
+            number=number,
+            ack=reply.ack,
+            settled=settled,
+            notes=list(reply.notes),
+            results=obj.get("results"),
+            **fields,
+            **extra,
         )
 
     def _on_status(self, topic: str, base: str, payload: bytes, retain: bool) -> None:

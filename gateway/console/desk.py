@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final
@@ -23,7 +23,7 @@ from typing import Any, Final
 from paho.mqtt.client import topic_matches_sub
 
 from gateway.commands.signing import build_command
-from gateway.console.messages import ConsoleEvent
+from gateway.console.messages import ACK_SETTLED, AckReply, ConsoleEvent
 from gateway.console.options import ConsoleOptions, Sink
 from gateway.errors import CommandError, UplinkError
 from gateway.events import format_time
@@ -43,6 +43,7 @@ class _Alarm:
     event: ConsoleEvent
     number: int | None = None  # the operator's handle while un-acknowledged
     acked_at: float | None = None  # loop time of our last ack for it
+    settled: bool = False  # a reply said the gateway holds our ack (or has nothing to ack)
 
 
 class AlarmDesk:
@@ -68,6 +69,7 @@ class AlarmDesk:
         self._tasks: set[asyncio.Task[None]] = set()
         self._input_fd: int | None = None
         self._input = b""
+        self._held: list[dict[str, Any]] | None = None  # records held back by _ack_first
 
     # -- public --------------------------------------------------------------------------------
 
@@ -116,6 +118,26 @@ class AlarmDesk:
         self._unacked[alarm.event.id] = None
         return alarm.number
 
+    def _settle(self, alarm: _Alarm, status: str, reply: AckReply) -> tuple[bool, int | None]:
+        """An ack's fate from a reply to it: (settled, the number it is offered under again).
+
+        ``results.gateway.ack`` decides, not the overall status: a reply ``failed`` because
+        the box's LED did not light still says ``acknowledged`` there, and the alarm is done
+        (the LED is a note). ``unknown`` (the gateway holds no such alarm for this platform)
+        leaves nothing to retry either. Only an ack the gateway did not record (refused,
+        failed before it was stored) is offered to the operator again, and not once another
+        reply said it was recorded (a late failure of an earlier command).
+        """
+        if status == "accepted":
+            return False, None  # the final reply follows
+        if reply.ack in ACK_SETTLED or status == "done":
+            alarm.settled = True
+            self._release(alarm)  # e.g. offered again after a failure, then a retry got through
+            return True, None
+        if alarm.settled or self.options.auto_ack:
+            return False, None
+        return False, self._offer(alarm)  # the operator may try again
+
     def _release(self, alarm: _Alarm) -> None:
         self._unacked.pop(alarm.event.id, None)
         if alarm.number is not None:
@@ -141,6 +163,23 @@ class AlarmDesk:
             self._publish_ack(conn, alarm, command)
         else:  # subscribe to the replies first, or the reply may come before the SUBACK
             self._spawn(self._subscribe_then_ack(conn, topic_filter, alarm, command))
+
+    def _ack_first(self, send: Callable[[], None], show: Callable[[], None]) -> None:
+        """``send`` (an ack) before ``show`` (the record of the alarm it is for), so that
+        nothing in showing the alarm can hold its ack back; ``send``'s own records (ack sent,
+        queued) still follow the alarm's, in the order a person reads them, even if showing
+        it failed."""
+        held: list[dict[str, Any]] = []
+        self._held = held
+        try:
+            try:
+                send()
+            finally:
+                self._held = None
+            show()
+        finally:
+            for record in held:
+                self._sink(record)
 
     def _results_filter(self, base: str) -> str | None:
         """The cmd-result filter for ``base`` if the topics do not cover it, else None."""
@@ -287,4 +326,8 @@ class AlarmDesk:
         return {k: self.counts[k] for k in keys}
 
     def _emit(self, kind: str, **fields: Any) -> None:
-        self._sink({"kind": kind, "at": format_time(time.time()), **fields})
+        record = {"kind": kind, "at": format_time(time.time()), **fields}
+        if self._held is not None:
+            self._held.append(record)
+        else:
+            self._sink(record)

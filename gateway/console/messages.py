@@ -22,6 +22,15 @@ SEVERITIES: Final = frozenset({"critical", "major", "minor", "info"})
 STATES: Final = frozenset({"active", "cleared"})
 RESULT_STATUSES: Final = frozenset({"accepted", "done", "failed", "refused"})
 RETRYABLE: Final = frozenset({"failed", "refused"})  # a reply after which an ack may be retried
+# results.gateway.ack of a reply to alarm.ack (docs/INTEGRATION.md, "Acknowledging alarms"):
+ACK_RECORDED: Final = frozenset({"acknowledged", "already", "late"})  # the gateway holds our ack
+ACK_SETTLED: Final = ACK_RECORDED | {"unknown"}  # nothing to retry ("unknown": no such alarm for us)
+
+# Deeper JSON is refused: campus-event/1 and replies nest a few levels (command args at most
+# 8), and a value nested near the parser's limit would overflow the stack of the sink that
+# renders or re-serialises it.
+MAX_DEPTH: Final = 32
+MAX_NOTES: Final = 8  # device notes shown for one reply (an ack targets one device)
 
 _UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 _TYPE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
@@ -71,7 +80,25 @@ def parse_json_object(payload: bytes) -> dict[str, Any]:
         raise InvalidPayload(f"not JSON: {str(exc)[:120]}") from exc
     if not isinstance(obj, dict):
         raise InvalidPayload(f"a JSON {type(obj).__name__}, not an object")
+    if _depth_over(obj, MAX_DEPTH):
+        raise InvalidPayload(f"JSON nested more than {MAX_DEPTH} levels deep")
     return obj
+
+
+def _depth_over(obj: object, limit: int) -> bool:
+    """True if ``obj`` nests lists and objects more than ``limit`` deep (no recursion: a
+    payload just under the parser's limit would overflow the stack of whoever walks it)."""
+    level: list[dict[str, Any] | list[Any]] = [obj] if isinstance(obj, (dict, list)) else []
+    for _ in range(limit):
+        level = [
+            child
+            for value in level
+            for child in (value.values() if isinstance(value, dict) else value)
+            if isinstance(child, (dict, list))
+        ]
+        if not level:
+            return False
+    return True
 
 
 def text_field(obj: Mapping[str, Any], name: str, pattern: re.Pattern[str] | None = None) -> str:
@@ -96,9 +123,36 @@ def choice_field(
     value = obj.get(name)
     if value is None and optional:
         return None
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:  # a list or dict is unhashable
         raise InvalidPayload(f"{name}: {_short(value)} is not one of {', '.join(sorted(allowed))}")
     return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class AckReply:
+    """What a final reply to an ``alarm.ack`` says beyond its status: ``results.gateway.ack``
+    (None if absent or not a string) and a note per device that is not ``done`` (its LED)."""
+
+    ack: str | None
+    notes: tuple[str, ...]
+
+
+def ack_reply(obj: Mapping[str, Any]) -> AckReply:
+    """Read ``results`` of a reply leniently: odd shapes are skipped, never raised on."""
+    results = obj.get("results")
+    if not isinstance(results, dict):
+        return AckReply(None, ())
+    gateway = results.get("gateway")
+    ack = gateway.get("ack") if isinstance(gateway, dict) else None
+    notes = []
+    for device, outcome in results.items():
+        if device == "gateway" or not isinstance(outcome, dict) or outcome.get("status") == "done":
+            continue
+        why = ": ".join(str(x) for x in (outcome.get("reason"), outcome.get("detail")) if x)
+        notes.append(f"{device}: {outcome.get('status')}" + (f" ({why})" if why else ""))
+        if len(notes) >= MAX_NOTES:
+            break
+    return AckReply(ack if isinstance(ack, str) else None, tuple(notes))
 
 
 def parse_event(topic: str, payload: bytes) -> ConsoleEvent:

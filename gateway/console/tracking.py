@@ -7,6 +7,7 @@ not shown as new; :class:`SeqTracker` follows each gateway's ``seq`` and says, a
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final
@@ -52,13 +53,22 @@ class SeqTracker:
     A re-notification (``repeat``) carries its first copy's seq: it may fill a gap, or be
     the newest seq seen, but an old one is no anomaly. A gateway whose seq restarts at 1
     (its state was wiped) starts over.
+
+    The missing ranges of a gateway are disjoint and kept in seq order (a new gap is always
+    above every earlier one; a fill splits a range in place), so an event finds its range
+    by bisection. At most ``max_ranges`` are kept, whether a gap added one or a fill split
+    one: the oldest (lowest) go first, and a seq of theirs arriving later is only "out of
+    order". Per event: a bisection and a list edit of at most ``max_ranges`` entries.
     """
 
     def __init__(self, max_gateways: int = MAX_GATEWAYS, max_ranges: int = MAX_MISSING_RANGES) -> None:
+        if max_ranges < 1:
+            raise ValueError("max_ranges must be at least 1")
         self.max_gateways = max_gateways
         self.max_ranges = max_ranges
         self._last: OrderedDict[str, int] = OrderedDict()
-        self._missing: dict[str, list[tuple[int, int]]] = {}
+        # Per gateway, the first and the last seq of each missing range, both ascending.
+        self._missing: dict[str, tuple[list[int], list[int]]] = {}
 
     def see(self, gateway: str, seq: int, *, repeat: bool = False) -> SeqVerdict:
         last = self._last.get(gateway)
@@ -73,9 +83,10 @@ class SeqTracker:
             if seq == last + 1:
                 return SeqVerdict()
             gap = (last + 1, seq - 1)
-            ranges = self._missing.setdefault(gateway, [])
-            ranges.append(gap)
-            del ranges[: -self.max_ranges]
+            firsts, lasts = self._missing.setdefault(gateway, ([], []))
+            firsts.append(gap[0])
+            lasts.append(gap[1])
+            self._cap(firsts, lasts)
             return SeqVerdict(gap=gap)
         if repeat:
             return SeqVerdict()
@@ -86,7 +97,13 @@ class SeqTracker:
 
     def missing(self, gateway: str) -> int:
         """How many seqs of this gateway are still missing."""
-        return sum(b - a + 1 for a, b in self._missing.get(gateway, ()))
+        firsts, lasts = self._missing.get(gateway, ((), ()))
+        return sum(b - a + 1 for a, b in zip(firsts, lasts, strict=True))
+
+    def missing_ranges(self, gateway: str) -> list[tuple[int, int]]:
+        """The ranges of this gateway's missing seqs (first, last), oldest first."""
+        firsts, lasts = self._missing.get(gateway, ((), ()))
+        return list(zip(firsts, lasts, strict=True))
 
     def _remember(self, gateway: str, seq: int) -> None:
         self._last[gateway] = seq
@@ -97,11 +114,27 @@ class SeqTracker:
 
     def _fill(self, gateway: str, seq: int) -> bool:
         ranges = self._missing.get(gateway)
-        if not ranges:
+        if ranges is None:
             return False
-        for i, (first, last) in enumerate(ranges):
-            if first <= seq <= last:
-                rest = [r for r in ((first, seq - 1), (seq + 1, last)) if r[0] <= r[1]]
-                ranges[i : i + 1] = rest
-                return True
-        return False
+        firsts, lasts = ranges
+        i = bisect_right(firsts, seq) - 1  # the last range starting at or below seq
+        if i < 0 or seq > lasts[i]:
+            return False
+        first, last = firsts[i], lasts[i]
+        if first == last:  # its only seq: the range is gone
+            del firsts[i], lasts[i]
+        elif seq == first:
+            firsts[i] = seq + 1
+        elif seq == last:
+            lasts[i] = seq - 1
+        else:  # from the middle: two ranges, one more to keep within the bound
+            lasts[i] = seq - 1
+            firsts.insert(i + 1, seq + 1)
+            lasts.insert(i + 1, last)
+            self._cap(firsts, lasts)
+        return True
+
+    def _cap(self, firsts: list[int], lasts: list[int]) -> None:
+        excess = len(firsts) - self.max_ranges
+        if excess > 0:  # the oldest ranges go
+            del firsts[:excess], lasts[:excess]
