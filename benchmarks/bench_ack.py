@@ -217,17 +217,6 @@ def config(tmp: Path, broker: Mosquitto, box_port: int, poll: float) -> dict[str
     return base_config(tmp / "state", [uplink], [box])
 
 
-def stats(values: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values]
-    return {
-        "n": len(ms),
-        "p50": round(benchlib.pct(ms, 50), 1),
-        "p90": round(benchlib.pct(ms, 90), 1),
-        "p99": round(benchlib.pct(ms, 99), 1),
-        "max": round(max(ms), 1),
-    }
-
-
 def problem(kind: str, body: dict[str, Any], want_ack: bool) -> str | None:
     """Why a final reply is not the expected one (None: it is)."""
     if body["status"] != "done":
@@ -306,9 +295,9 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "poll_s": args.poll,
         "renotify_interval_s": RENOTIFY,
         "linger_s": args.linger,
-        "press_to_alarm_ms": stats(alarm_ms),
-        "event_ack_ms": {k: stats(v) for k, v in event_ack.items()},
-        "plain_ack_ms": {k: stats(v) for k, v in plain_ack.items()},
+        "press_to_alarm_ms": benchlib.ms_stats(alarm_ms),
+        "event_ack_ms": {k: benchlib.ms_stats(v) for k, v in event_ack.items()},
+        "plain_ack_ms": {k: benchlib.ms_stats(v) for k, v in plain_ack.items()},
         "ratio_p50": round(e50 / p50, 2),
         "ratio_p99": round(e99 / p99, 2),
         "ratio_per_round_median": round(benchlib.median(per_round), 2),

@@ -118,17 +118,6 @@ def config(tmp: Path, broker: Mosquitto, bollard_port: int, box_port: int) -> di
     return cfg
 
 
-def stats(values: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values]
-    return {
-        "n": len(ms),
-        "p50": round(benchlib.pct(ms, 50), 1),
-        "p90": round(benchlib.pct(ms, 90), 1),
-        "p99": round(benchlib.pct(ms, 99), 1),
-        "max": round(max(ms), 1),
-    }
-
-
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     # Nagle off on the broker's sockets, as a platform's broker should be configured: with it
     # on, mosquitto holds a reply back until the client's delayed ACK of the previous packet
@@ -166,8 +155,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return {
         "rounds": args.rounds,
         "travel_s": TRAVEL,
-        "accepted_ms": {k: stats(v) for k, v in accepted.items()},
-        "done_ms": {k: stats(v) for k, v in final.items()},
+        "accepted_ms": {k: benchlib.ms_stats(v) for k, v in accepted.items()},
+        "done_ms": {k: benchlib.ms_stats(v) for k, v in final.items()},
         "not_done": bad[:5],
         "not_done_count": len(bad),
     }

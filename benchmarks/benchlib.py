@@ -111,6 +111,18 @@ def pct(values: Sequence[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))]
 
 
+def ms_stats(seconds: Sequence[float]) -> dict[str, float]:
+    """Count, p50, p90, p99 and max of durations given in seconds, in milliseconds."""
+    ms = [v * 1000 for v in seconds]
+    return {
+        "n": len(ms),
+        "p50": round(pct(ms, 50), 1),
+        "p90": round(pct(ms, 90), 1),
+        "p99": round(pct(ms, 99), 1),
+        "max": round(max(ms), 1),
+    }
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
