@@ -15,12 +15,13 @@ close the gap, per uplink:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -32,6 +33,7 @@ from gateway.logs import RateLimited
 from gateway.outbox import Awaiting, Outbox, Settled
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 TROUBLE = "uplink.trouble"
 # A presence payload is a few dozen bytes; anything this large is not one.
@@ -170,6 +172,11 @@ class AckSupervisor:
         # event id -> monotonic time it was last at the broker (first PUBACK seen, or a repeat).
         self._last: dict[str, float] = {}
         self._log = log.bind(uplink=uplink)
+        self._limiter = RateLimited()
+        # Settles with their reports run as tasks of their own that a cancelled caller (a
+        # command cut short by shutdown) does not cut in half: a committed acknowledgement
+        # always clears its trouble.
+        self._settling: set[asyncio.Task[Any]] = set()
 
     @property
     def pending(self) -> int:
@@ -229,10 +236,21 @@ class AckSupervisor:
         if not self.outbox.is_open(self.uplink, entry.event_id):
             return True  # acknowledged while this tick ran
         try:
-            settlement = await self.outbox.settle(self.uplink, entry.event_id, Settled.EXPIRED)
+            return await self._unbroken(self._expire(entry), "give-up")
         except OutboxError as exc:
-            self._log.error("could not record giving up on an alarm", event_id=entry.event_id, error=str(exc))
+            self._last[entry.event_id] = time.monotonic()  # try again an interval later
+            suppressed = self._limiter.should_log("give-up")
+            if suppressed is not None:
+                self._log.error(
+                    "could not record giving up on an alarm",
+                    event_id=entry.event_id,
+                    error=str(exc),
+                    repeats=suppressed,
+                )
             return False
+
+    async def _expire(self, entry: Awaiting) -> bool:
+        settlement = await self.outbox.settle(self.uplink, entry.event_id, Settled.EXPIRED)
         self._last.pop(entry.event_id, None)
         if not settlement.closed_now:
             return True  # acknowledged meanwhile
@@ -252,6 +270,21 @@ class AckSupervisor:
 
         Raises :class:`~gateway.errors.OutboxError` if it could not be recorded.
         """
+        return await self._unbroken(self._acknowledge(event_id), "ack")
+
+    async def _unbroken(self, work: Coroutine[Any, Any, _T], what: str) -> _T:
+        """Run ``work`` in a task that cancelling the caller does not cancel."""
+        task = asyncio.get_running_loop().create_task(work, name=f"acks:{self.uplink}:{what}")
+        self._settling.add(task)
+        task.add_done_callback(self._settled)
+        return await asyncio.shield(task)
+
+    def _settled(self, task: asyncio.Task[Any]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved here; the caller, if still there, gets it too
+
+    async def _acknowledge(self, event_id: str) -> Outcome:
         settlement = await self.outbox.settle(self.uplink, event_id, Settled.ACKED)
         self._last.pop(event_id, None)
         entry = settlement.entry

@@ -431,6 +431,27 @@ def _chained(message: str, cause: BaseException) -> OutboxError:
     return err
 
 
+# An expiry never overwrites an acknowledgement, whatever the order of commits.
+_SETTLE_SQL: Final = {
+    Settled.ACKED: "UPDATE awaiting SET state = ?, settled = ? WHERE uplink = ? AND event_id = ?",
+    Settled.EXPIRED: (
+        "UPDATE awaiting SET state = ?, settled = ? WHERE uplink = ? AND event_id = ? AND state = 'awaiting'"
+    ),
+}
+
+
+class _SettleCancelled(Exception):
+    """Internal: a settle was cancelled after its write was queued (the write owns the slot)."""
+
+
+def _release_settle(lane: _Lane, event_id: str, mine: asyncio.Future[None], *_: object) -> None:
+    """End a settle's hold on its event: the next settle of it may run."""
+    if lane.settling.get(event_id) is mine:
+        del lane.settling[event_id]
+    if not mine.done():
+        mine.set_result(None)
+
+
 def _settled_record(entry: Awaiting) -> Awaiting:
     """A settled entry as kept in memory: everything but the payload."""
     return Awaiting(
@@ -878,13 +899,20 @@ class Outbox:
         while (busy := lane.settling.get(event_id)) is not None:
             await asyncio.shield(busy)  # resolves (never fails) when that settle is over
         mine = lane.settling[event_id] = self._loop.create_future()
+        release = functools.partial(_release_settle, lane, event_id, mine)
+        handed_over = False
         try:
-            return await self._settle(lane, event_id, how)
+            return await self._settle(lane, event_id, how, release)
+        except _SettleCancelled as cancelled:
+            handed_over = True  # the queued write releases the slot once it is done
+            raise asyncio.CancelledError from cancelled
         finally:
-            del lane.settling[event_id]
-            mine.set_result(None)
+            if not handed_over:
+                release()
 
-    async def _settle(self, lane: _Lane, event_id: str, how: Settled) -> Settlement:
+    async def _settle(
+        self, lane: _Lane, event_id: str, how: Settled, release: Callable[..., None]
+    ) -> Settlement:
         with self._lock:
             entry = lane.awaiting.get(event_id)
             before = lane.settled.get(event_id)
@@ -894,16 +922,19 @@ class Outbox:
             if before[0] is how or how is Settled.EXPIRED:
                 return Settlement(before[1], before[0])
         fut = self._queue_write(
-            "UPDATE awaiting SET state = ?, settled = ? WHERE uplink = ? AND event_id = ?",
+            _SETTLE_SQL[how],
             (how.value, time.time(), lane.name, event_id),
             wait=True,
         )
         assert fut is not None
         try:
             await asyncio.shield(fut)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            # The write commits all the same: settle in memory then, and keep the event's
+            # slot until then, so that the next settle of it decides on what it left.
             fut.add_done_callback(functools.partial(self._settled_later, lane, event_id, how))
-            raise
+            fut.add_done_callback(release)
+            raise _SettleCancelled from exc
         record = self._settled(lane, event_id, how)
         return Settlement(
             entry if entry is not None else record,

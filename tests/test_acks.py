@@ -359,3 +359,34 @@ async def test_a_failed_ledger_commit_keeps_the_entry_open(tmp_path: Path) -> No
         assert [e.event_id for e in outbox.awaiting("police")] == [event.id]
         await eventually(lambda: outbox.healthy)
         assert (await outbox.settle("police", event.id, Settled.ACKED)).entry is not None
+
+
+async def test_a_cancelled_ack_still_commits_reports_and_wins_over_a_give_up(tmp_path: Path) -> None:
+    # A command cut short (shutdown, its time limit) after the platform's ack was queued:
+    # the ack still commits and clears its trouble, and a give-up right after it finds the
+    # alarm acknowledged instead of overwriting it with an expiry.
+    rec = Recorder()
+    async with open_outbox(tmp_path / "outbox.db") as outbox:
+        sup = supervisor(outbox, rec, renotify_limit=0, ack_deadline=0.1)
+        event = await outbox.append(panic(), ["police"])
+        await deliver(outbox, "police")
+        for _ in range(100):  # the deadline passes (bounded: 100 x 10 ms)
+            if outbox.awaiting("police")[0].troubled:
+                break
+            await sup.tick(None)
+            await asyncio.sleep(0.01)
+        entry = outbox.awaiting("police")[0]
+        ack = asyncio.create_task(sup.acknowledge(event.id))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the ack's write is queued
+        ack.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await ack
+        assert await sup._give_up(entry)
+        await eventually(
+            lambda: rec.troubles(TroubleCode.ACK_DEADLINE) == [("active", event.id), ("cleared", event.id)]
+        )
+        assert rec.troubles(TroubleCode.ACK_LIMIT) == []
+        assert sup.stats.acked == 1
+        assert sup.stats.expired == 0
+    assert ledger(tmp_path / "outbox.db") == [("police", event.id, "acked", 0)]
