@@ -15,7 +15,7 @@ import pytest
 from gateway.acks import AckSupervisor, PlatformPresence, Presence, TroubleCode, repeat_payload
 from gateway.config import PlatformConfig
 from gateway.driver import Verdict
-from gateway.events import DeviceKind, DeviceRef, EventState, Identity, Observation, Severity
+from gateway.events import DeviceKind, DeviceRef, Event, EventState, Identity, Observation, Severity
 from gateway.outbox import Awaiting, Outbox, Settled
 from gateway.router import ack_filter
 from tests.support.waiting import eventually
@@ -279,18 +279,29 @@ async def test_an_ack_stops_renotification_and_clears_the_deadline_trouble(tmp_p
         assert (await sup.acknowledge(event.id)).data["ack"] == "already"
 
 
+async def past_deadline(outbox: Outbox, sup: AckSupervisor) -> None:
+    """Tick until the first open alarm's ack deadline has passed (bounded: 100 x 10 ms)."""
+    for _ in range(100):
+        if outbox.awaiting("police")[0].troubled:
+            return
+        await sup.tick(None)
+        await asyncio.sleep(0.01)
+    raise AssertionError("the ack deadline did not pass within 1 s")
+
+
+async def overdue_alarm(outbox: Outbox, rec: Recorder) -> tuple[AckSupervisor, Event, Awaiting]:
+    """A delivered panic past its ack deadline, with no repeats left (the next tick gives up)."""
+    sup = supervisor(outbox, rec, renotify_limit=0, ack_deadline=0.1)
+    event = await outbox.append(panic(), ["police"])
+    await deliver(outbox, "police")
+    await past_deadline(outbox, sup)
+    return sup, event, outbox.awaiting("police")[0]
+
+
 async def test_an_ack_racing_a_give_up_is_recorded_and_clears_both_troubles(tmp_path: Path) -> None:
     rec = Recorder()
     async with open_outbox(tmp_path / "outbox.db") as outbox:
-        sup = supervisor(outbox, rec, renotify_limit=0, ack_deadline=0.1)
-        event = await outbox.append(panic(), ["police"])
-        await deliver(outbox, "police")
-        for _ in range(100):  # the deadline passes (bounded: 100 x 10 ms)
-            if outbox.awaiting("police")[0].troubled:
-                break
-            await sup.tick(None)
-            await asyncio.sleep(0.01)
-        entry = outbox.awaiting("police")[0]
+        sup, event, entry = await overdue_alarm(outbox, rec)
         # The give-up and the platform's ack at the same moment: the ack waits for the
         # give-up's commit, then records the ack (late) instead of answering "unknown".
         give_up = asyncio.create_task(sup._give_up(entry))
@@ -367,15 +378,7 @@ async def test_a_cancelled_ack_still_commits_reports_and_wins_over_a_give_up(tmp
     # alarm acknowledged instead of overwriting it with an expiry.
     rec = Recorder()
     async with open_outbox(tmp_path / "outbox.db") as outbox:
-        sup = supervisor(outbox, rec, renotify_limit=0, ack_deadline=0.1)
-        event = await outbox.append(panic(), ["police"])
-        await deliver(outbox, "police")
-        for _ in range(100):  # the deadline passes (bounded: 100 x 10 ms)
-            if outbox.awaiting("police")[0].troubled:
-                break
-            await sup.tick(None)
-            await asyncio.sleep(0.01)
-        entry = outbox.awaiting("police")[0]
+        sup, event, entry = await overdue_alarm(outbox, rec)
         ack = asyncio.create_task(sup.acknowledge(event.id))
         for _ in range(3):
             await asyncio.sleep(0)  # the ack's write is queued
