@@ -31,6 +31,7 @@ from gateway.errors import OutboxError
 from gateway.events import DeviceRef, EventState, Observation, Severity
 from gateway.logs import RateLimited
 from gateway.outbox import Awaiting, Outbox, Settled
+from gateway.tasks import consume_outcome
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -281,8 +282,7 @@ class AckSupervisor:
 
     def _settled(self, task: asyncio.Task[Any]) -> None:
         self._settling.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved here; the caller, if still there, gets it too
+        consume_outcome(task)  # the caller, if still there, gets the outcome too
 
     async def _acknowledge(self, event_id: str) -> Outcome:
         settlement = await self.outbox.settle(self.uplink, event_id, Settled.ACKED)

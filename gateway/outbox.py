@@ -1534,7 +1534,9 @@ class Outbox:
         horizon = time.time() - SETTLED_KEEP
         conn.execute("DELETE FROM awaiting WHERE state != 'awaiting' AND settled < ?", (horizon,))
         rows = conn.execute(
-            "SELECT uplink, event_id, row, seq, type, created, payload, repeats, troubled, state"
+            # A settled entry's payload is not needed again: not read.
+            "SELECT uplink, event_id, row, seq, type, created,"
+            " CASE state WHEN 'awaiting' THEN payload ELSE x'' END, repeats, troubled, state"
             " FROM awaiting ORDER BY coalesce(settled, 0), row"
         )
         for uplink, event_id, rowid, seq, type_, created, payload, repeats, troubled, state in rows:

@@ -17,3 +17,10 @@ async def cancel_and_wait(*tasks: asyncio.Future[Any], timeout: float | None = N
         t.cancel()
     if live:
         await asyncio.wait(live, timeout=timeout)
+
+
+def consume_outcome(fut: asyncio.Future[Any]) -> None:
+    """A done-callback for fire-and-forget futures (a QoS 0 publish, a background settle):
+    reads the outcome so a failure is never reported as "exception was never retrieved"."""
+    if not fut.cancelled():
+        fut.exception()

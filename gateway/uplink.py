@@ -41,7 +41,7 @@ from gateway.events import (
 from gateway.logs import RateLimited
 from gateway.mqtt import MqttConnection, Will
 from gateway.outbox import Awaiting, Outbox, Row
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import cancel_and_wait, consume_outcome
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +52,8 @@ STOP_DRAIN_TIMEOUT = 1.5
 STALL_MIN = 10.0
 # The supervision loop (held alarms, re-notification, ack deadlines) looks at least this
 # often: deadlines are whole seconds (2 s, 30 s), so a quarter second is precise enough,
-# and a look costs a few dict reads.
+# and a look costs a few dict reads. It also sees a critical alarm's first copy reach the
+# broker this way (repeats count from then), instead of being woken on every PUBACK.
 SUPERVISE_TICK = 0.25
 # A session that ends within a second of its CONNACK was refused in effect (a subscription
 # the broker's ACL refuses, a second client with our id): retry after the backoff, not at
@@ -98,11 +99,6 @@ def tls_context(cfg: UplinkConfig) -> ssl.SSLContext:
 
 
 GATEWAY_DEVICE_KIND = DeviceKind.GATEWAY
-
-
-def _consume(fut: asyncio.Future[None]) -> None:
-    if not fut.cancelled():
-        fut.exception()
 
 
 CommandSink = Callable[[str, str, bytes, Callable[[str, bytes], None]], None]
@@ -369,8 +365,6 @@ class Uplink:
                 # PUBACK of a drain would flap active/cleared until the late alarm's turn came.
                 self._trouble_active = False
                 self._raise_trouble(EventState.CLEARED, "delivery restored", None)
-            if self.acks is not None:
-                self._supervise_wake.set()  # a critical alarm may just have reached the broker
 
     def _supervise(self, pending: dict[int, tuple[Row, asyncio.Future[None], float]]) -> None:
         """An alarm not PUBACKed within its deadline: trouble event, log once, fail over.
@@ -504,7 +498,7 @@ class Uplink:
             payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
             with contextlib.suppress(UplinkError):
                 # QoS 0: a stale heartbeat is worthless; its outcome is read only to keep it quiet.
-                conn.publish(topic, payload, qos=0).add_done_callback(_consume)
+                conn.publish(topic, payload, qos=0).add_done_callback(consume_outcome)
             await asyncio.sleep(self._heartbeat_interval)
 
     def _raise_trouble(self, state: EventState, reason: str, row: Row | None) -> None:
@@ -580,7 +574,7 @@ class Uplink:
             fut = conn.publish(self._type_topic(entry.type), payload, qos=1)
         except UplinkError:
             return False  # the connection is going; the next session repeats it
-        fut.add_done_callback(_consume)
+        fut.add_done_callback(consume_outcome)
         self._log.info("critical alarm re-notified", event_id=entry.event_id, repeat=entry.repeats + 1)
         return True
 

@@ -33,7 +33,7 @@ from gateway.console.options import ConsoleOptions, Sink, tls_context
 from gateway.console.tracking import RecentIds, SeqTracker, SeqVerdict
 from gateway.errors import UplinkError
 from gateway.mqtt import MqttConnection, Will
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import cancel_and_wait, consume_outcome
 
 # On a clean exit the offline presence gets 2 s for its PUBACK: a round trip on a working
 # link is milliseconds, and a stop (Ctrl-C, systemd) must not hang on a dead broker.
@@ -262,7 +262,7 @@ class Console(AlarmDesk):
             fut = conn.publish(self.options.presence_topic, presence_payload(True), qos=1, retain=True)
         except UplinkError:
             return  # the connection is going; the next one announces online anyway
-        fut.add_done_callback(_consume)
+        fut.add_done_callback(consume_outcome)
         self._emit("presence", online=True, topic=self.options.presence_topic, reason="reasserted")
 
     def _report_down(self, was_up: bool, reason: str, retry_in: float) -> None:
@@ -407,9 +407,3 @@ class Console(AlarmDesk):
 
 def _last_level(base: str) -> str:
     return base.rsplit("/", 1)[-1]
-
-
-def _consume(fut: asyncio.Future[None]) -> None:
-    """Read a publish's outcome so a failed one is not reported as never retrieved."""
-    if not fut.cancelled():
-        fut.exception()
