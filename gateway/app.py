@@ -288,9 +288,8 @@ class Gateway:
 
 def install_signal_handlers(gw: Gateway) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, gw.stop)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a Unix daemon: every loop it runs on has them
+        loop.add_signal_handler(sig, gw.stop)
 
 
 async def serve(cfg: GatewayConfig) -> None:
