@@ -17,6 +17,7 @@ from simulators.alarm_box import AlarmBoxSimulator
 from tests.support.broker import Mosquitto
 from tests.support.daemon import Daemon, base_config
 from tests.support.subscriber import Received, Subscriber, await_event, await_for
+from tests.support.waiting import eventually
 
 VALIDATOR = jsonschema.Draft202012Validator(schema())
 POLICE_TOPIC = "campus/530102/sch-1/gw-1/#"
@@ -80,6 +81,23 @@ def committed_seq(state_dir: Path) -> int:
     with contextlib.closing(sqlite3.connect(state_dir / "outbox.db")) as db:
         row = db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
     return int(row[0])
+
+
+# The acceptance of a frozen broker: it stays frozen this long while alarms keep happening.
+# Time itself is under test here (keepalive, alarm deadline, failover all run out), so no
+# condition can stand in for it.
+FROZEN_FOR = 20.0
+
+
+async def committed_more(state_dir: Path, count: int, timeout: float = 10.0) -> int:
+    """Wait until the gateway committed ``count`` more events than now; the new last seq."""
+    start = committed_seq(state_dir) if (state_dir / "outbox.db").exists() else 0
+    for _ in range(int(timeout / 0.05)):  # bounded
+        await asyncio.sleep(0.05)
+        seq = committed_seq(state_dir)
+        if seq >= start + count:
+            return seq
+    raise AssertionError(f"fewer than {count} events committed within {timeout} s")
 
 
 async def settled_seq(state_dir: Path) -> int:
@@ -148,8 +166,9 @@ async def test_panic_reaches_both_platforms_and_reset_clears(
             assert p_alarm["severity"] == "critical"
             assert p_alarm["device"]["id"] == "box-gate"
             await sim.release(0)
-            # The panic alarm latches: releasing the button clears nothing (5 polls' worth)...
-            await asyncio.sleep(0.5)
+            # The panic alarm latches: releasing the button clears nothing (5 polls later)...
+            polls = sim.requests()
+            await eventually(lambda: sim.requests() >= polls + 5)
             assert not [
                 e for e in events_of(p_sub.messages) if e["type"] == "alarm.panic" and e["state"] == "cleared"
             ]
@@ -207,10 +226,10 @@ async def test_kill9_during_burst_with_one_broker_down_loses_nothing(
         burst = asyncio.create_task(_burst(sim, stop))
         for _ in range(4):
             await asyncio.to_thread(daemon.start)
-            await asyncio.sleep(1.0)
+            await committed_more(tmp_path / "state", 4)  # killed mid-burst, after it took a few
             await asyncio.to_thread(daemon.kill9)
         await asyncio.to_thread(daemon.start)
-        await asyncio.sleep(1.0)
+        await committed_more(tmp_path / "state", 4)
         stop.set()
         flips = await burst
         edu.start()
@@ -266,9 +285,9 @@ async def test_frozen_broker_then_killed_and_restarted_loses_nothing(
         await saved(police)  # the platform's subscription is on disk (autosave)
         stop = asyncio.Event()
         burst = asyncio.create_task(_burst(sim, stop, period=0.35))
-        await asyncio.sleep(0.5)
+        await await_event(p_sub, "alarm.intrusion")  # the burst is under way
         police.freeze()
-        await asyncio.sleep(20)  # the acceptance: frozen for 20 s while alarms keep happening
+        await asyncio.sleep(FROZEN_FOR)
         police.kill()
         police.start()
         stop.set()
