@@ -62,6 +62,7 @@ import structlog
 
 from gateway.errors import OutboxError
 from gateway.events import Blob, Event, EventState, Identity, Observation, Severity, is_alarm_type, stamp
+from gateway.tasks import consume_outcome
 
 log = structlog.get_logger(__name__)
 
@@ -440,18 +441,6 @@ _SETTLE_SQL: Final = {
 }
 
 
-class _SettleCancelled(Exception):
-    """Internal: a settle was cancelled after its write was queued (the write owns the slot)."""
-
-
-def _release_settle(lane: _Lane, event_id: str, mine: asyncio.Future[None], *_: object) -> None:
-    """End a settle's hold on its event: the next settle of it may run."""
-    if lane.settling.get(event_id) is mine:
-        del lane.settling[event_id]
-    if not mine.done():
-        mine.set_result(None)
-
-
 def _settled_record(entry: Awaiting) -> Awaiting:
     """A settled entry as kept in memory: everything but the payload."""
     return Awaiting(
@@ -552,6 +541,7 @@ class Outbox:
         self._shedding = False
         self._ack_warned = False
         self._writes: list[_Write] = []  # ledger updates for the next transaction (under _cond)
+        self._settles: set[asyncio.Task[Settlement]] = set()  # settles in progress (strong refs)
 
         # Writer-thread state.
         self._seq = 0
@@ -891,28 +881,31 @@ class Outbox:
         One settle per event at a time: a second one (an ack racing a give-up, a repeated
         ack) waits for the first, then decides on what it left. An acknowledgement of an
         entry that expired earlier is recorded too (the platform did answer, late). Raises
-        :class:`OutboxError` if the commit failed; the entry then stays open. Cancelled
-        after the write was queued, the write still commits and the entry is settled then.
+        :class:`OutboxError` if the commit failed; the entry then stays open. The settle
+        runs in a task of its own: a caller cancelled meanwhile does not cut it in half.
         """
         lane = self._lane(uplink)
         assert self._loop is not None
-        while (busy := lane.settling.get(event_id)) is not None:
-            await asyncio.shield(busy)  # resolves (never fails) when that settle is over
-        mine = lane.settling[event_id] = self._loop.create_future()
-        release = functools.partial(_release_settle, lane, event_id, mine)
-        handed_over = False
-        try:
-            return await self._settle(lane, event_id, how, release)
-        except _SettleCancelled as cancelled:
-            handed_over = True  # the queued write releases the slot once it is done
-            raise asyncio.CancelledError from cancelled
-        finally:
-            if not handed_over:
-                release()
+        task = self._loop.create_task(
+            self._settle_in_turn(lane, event_id, how), name=f"outbox:settle:{uplink}"
+        )
+        self._settles.add(task)
+        task.add_done_callback(self._settles.discard)
+        task.add_done_callback(consume_outcome)  # a cancelled caller no longer reads it
+        return await asyncio.shield(task)
 
-    async def _settle(
-        self, lane: _Lane, event_id: str, how: Settled, release: Callable[..., None]
-    ) -> Settlement:
+    async def _settle_in_turn(self, lane: _Lane, event_id: str, how: Settled) -> Settlement:
+        while (busy := lane.settling.get(event_id)) is not None:
+            await busy  # resolved (never failed) when that settle is over
+        assert self._loop is not None
+        mine = lane.settling[event_id] = self._loop.create_future()
+        try:
+            return await self._settle(lane, event_id, how)
+        finally:
+            del lane.settling[event_id]
+            mine.set_result(None)
+
+    async def _settle(self, lane: _Lane, event_id: str, how: Settled) -> Settlement:
         with self._lock:
             entry = lane.awaiting.get(event_id)
             before = lane.settled.get(event_id)
@@ -921,29 +914,13 @@ class Outbox:
                 return Settlement(None, None)
             if before[0] is how or how is Settled.EXPIRED:
                 return Settlement(before[1], before[0])
-        fut = self._queue_write(
-            _SETTLE_SQL[how],
-            (how.value, time.time(), lane.name, event_id),
-            wait=True,
-        )
+        fut = self._queue_write(_SETTLE_SQL[how], (how.value, time.time(), lane.name, event_id), wait=True)
         assert fut is not None
-        try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError as exc:
-            # The write commits all the same: settle in memory then, and keep the event's
-            # slot until then, so that the next settle of it decides on what it left.
-            fut.add_done_callback(functools.partial(self._settled_later, lane, event_id, how))
-            fut.add_done_callback(release)
-            raise _SettleCancelled from exc
+        await fut
         record = self._settled(lane, event_id, how)
-        return Settlement(
-            entry if entry is not None else record,
-            None if entry is not None else before[0] if before else None,
-        )
-
-    def _settled_later(self, lane: _Lane, event_id: str, how: Settled, fut: asyncio.Future[None]) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            self._settled(lane, event_id, how)
+        if entry is not None:
+            return Settlement(entry, None)
+        return Settlement(record, before[0] if before else None)
 
     def _settled(self, lane: _Lane, event_id: str, how: Settled) -> Awaiting | None:
         """After the commit: move the entry from open to settled (in memory)."""
