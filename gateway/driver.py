@@ -13,11 +13,11 @@ from __future__ import annotations
 import abc
 import enum
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +25,8 @@ from gateway.errors import DeviceRejected
 from gateway.events import DeviceKind, DeviceRef, EventSink
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+_Config = TypeVar("_Config", bound="DeviceConfig")
 
 
 class DeviceConfig(BaseModel):
@@ -174,6 +176,28 @@ class DriverFamily(abc.ABC):
         Returns (index into ``devices``, field path, message) triples; empty if all is well.
         """
         return []
+
+    @staticmethod
+    def own_configs(model: type[_Config], devices: Sequence[DeviceConfig]) -> list[_Config]:
+        """``devices`` as instances of ``model`` (the family's ``device_model``); any other
+        config is a bug of the caller, a TypeError."""
+        for dev in devices:
+            if not isinstance(dev, model):
+                name = model.__name__
+                article = "an" if name[:1] in "AEIOU" else "a"
+                raise TypeError(f"{dev.id}: not {article} {name} but {type(dev).__name__}")
+        return [dev for dev in devices if isinstance(dev, model)]
+
+    @staticmethod
+    def repeats(keys: Iterable[Hashable]) -> dict[int, int]:
+        """For check(): the index of each key equal to an earlier one -> the index of the first."""
+        first: dict[Hashable, int] = {}
+        found: dict[int, int] = {}
+        for i, key in enumerate(keys):
+            j = first.setdefault(key, i)
+            if j != i:
+                found[i] = j
+        return found
 
     @property
     @abc.abstractmethod

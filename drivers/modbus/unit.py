@@ -47,6 +47,11 @@ class UnitClient:
         self.device_id = device_id
         self.timeout = timeout
 
+    @property
+    def where(self) -> dict[str, str | int]:
+        """How the unit is reached, for logs and presence events: its link and unit id."""
+        return {"link": self.hub.link.label, "unit": self.unit}
+
     async def read_coils(self, address: int, count: int) -> list[bool]:
         _check_range(address, count, MAX_BITS)
         rsp = await self._run(Request(READ_COILS, address, count))

@@ -89,13 +89,7 @@ class AlarmBoxDriver(Driver):
         self._sink: EventSink | None = None
         self._lock = asyncio.Lock()  # zone state and its publishing: poll loop vs. reset()
         self._log = structlog.get_logger(__name__).bind(device=config.id)
-        self._liveness = Liveness(
-            self.device,
-            self.status,
-            {"link": unit.hub.link.label, "unit": unit.unit},
-            config.offline_after,
-            self._log,
-        )
+        self._liveness = Liveness(self.device, self.status, unit.where, config.offline_after, self._log)
         self._ack_until: float | None = None  # loop time at which the lit ack output goes off
 
     async def run(self, sink: EventSink) -> None:
@@ -106,9 +100,7 @@ class AlarmBoxDriver(Driver):
             self.status.detail["latched"] = self._zones.latched
             self._log.info("latched panic zones restored", zones=restored)
         ticker = Ticker(self.config.poll_interval)
-        self._log.info(
-            "polling", link=self.unit.hub.link.label, unit=self.unit.unit, profile=self.config.profile
-        )
+        self._log.info("polling", **self.unit.where, profile=self.config.profile)
         confirms = 0
         try:
             while True:

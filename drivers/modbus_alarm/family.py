@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import ClassVar, Self
 
-from drivers.modbus.hub import ModbusHub
-from drivers.modbus.pool import shared_hub
+from drivers.modbus.family import ModbusFamily
 from drivers.modbus_alarm.config import AlarmBoxConfig
 from drivers.modbus_alarm.driver import AlarmBoxDriver
 from drivers.modbus_alarm.latches import LatchStore
 from drivers.modbus_alarm.profile import load_profile
-from gateway.driver import DeviceConfig, DriverContext, DriverFamily
+from gateway.driver import DeviceConfig, DriverContext
 from gateway.errors import ConfigError
 from gateway.events import DeviceKind
 
 
-class AlarmBoxFamily(DriverFamily):
+class AlarmBoxFamily(ModbusFamily):
     """All alarm boxes of the gateway. Devices on one link share its hub; links are independent."""
 
     name: ClassVar[str] = "modbus_alarm"
@@ -27,28 +24,24 @@ class AlarmBoxFamily(DriverFamily):
 
     def __init__(self, devices: Sequence[DeviceConfig], ctx: DriverContext) -> None:
         super().__init__(devices, ctx)
-        self.configs = [_own(d) for d in devices]
-        self.hubs: dict[Hashable, ModbusHub] = {}
+        self.configs = self.own_configs(AlarmBoxConfig, devices)
         self._drivers: list[AlarmBoxDriver] = []
-        self._stack: AsyncExitStack | None = None
 
     @classmethod
     def check(cls, devices: Sequence[DeviceConfig], ctx: DriverContext) -> list[tuple[int, str, str]]:
         """Unknown or invalid profiles, zone overrides naming inputs the profile lacks,
         two boxes with the same unit id on one link, one serial port with two settings."""
         issues: list[tuple[int, str, str]] = []
-        units: dict[tuple[Hashable, int], int] = {}
         serial: dict[Hashable, tuple[int, AlarmBoxConfig]] = {}
-        for i, dev in enumerate(devices):
-            cfg = _own(dev)
+        configs = cls.own_configs(AlarmBoxConfig, devices)
+        again = cls.repeats((cfg.link.key, cfg.unit) for cfg in configs)
+        for i, cfg in enumerate(configs):
             issues += _profile_issues(i, cfg, ctx)
-            key = (cfg.link.key, cfg.unit)
-            if key in units:
-                j = units[key]
+            if i in again:
+                j = again[i]
                 issues.append(
                     (i, "unit", f"unit {cfg.unit} on {cfg.link.label} is also devices[{j}] of this family")
                 )
-            units.setdefault(key, i)
             if cfg.transport == "rtu":
                 first = serial.setdefault(cfg.link.key, (i, cfg))
                 if first[1].link != cfg.link:
@@ -67,37 +60,15 @@ class AlarmBoxFamily(DriverFamily):
 
     async def __aenter__(self) -> Self:
         """Load profiles, open one hub per link and build one driver per box."""
-        hubs: dict[Hashable, ModbusHub] = {}
         drivers: list[AlarmBoxDriver] = []
-        async with AsyncExitStack() as stack:
+        async with self.opening() as hubs:
             for cfg in self.configs:
                 profile = load_profile(cfg.profile, self.ctx.profile_dirs)
-                hub = hubs.get(cfg.link.key)
-                if hub is None:
-                    on_link = [c for c in self.configs if c.link.key == cfg.link.key]
-                    hub = hubs[cfg.link.key] = await stack.enter_async_context(
-                        shared_hub(
-                            cfg.link,
-                            timeout=min(c.timeout for c in on_link),
-                            reconnect_max=min(c.reconnect_max for c in on_link),
-                        )
-                    )
-                unit = hub.unit(cfg.unit, device_id=cfg.id, timeout=cfg.timeout)
+                unit = await hubs.unit(cfg, peers=self.configs)  # a hub serves its most demanding box
                 latches = LatchStore(self.ctx.state_dir, cfg.id)
                 drivers.append(AlarmBoxDriver(cfg, profile, unit, latches))
-            self._stack = stack.pop_all()
-        self.hubs, self._drivers = hubs, drivers
+        self._drivers = drivers
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._stack is not None:
-            await self._stack.aclose()
-            self._stack = None
 
     def driver(self, device_id: str) -> AlarmBoxDriver:
         """The driver of one box, for command handling (reset, set_output)."""
@@ -105,12 +76,6 @@ class AlarmBoxFamily(DriverFamily):
             if d.device.id == device_id:
                 return d
         raise KeyError(device_id)
-
-
-def _own(dev: DeviceConfig) -> AlarmBoxConfig:
-    if not isinstance(dev, AlarmBoxConfig):
-        raise TypeError(f"{dev.id}: not an AlarmBoxConfig but {type(dev).__name__}")
-    return dev
 
 
 def _profile_issues(i: int, cfg: AlarmBoxConfig, ctx: DriverContext) -> list[tuple[int, str, str]]:

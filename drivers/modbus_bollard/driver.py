@@ -109,13 +109,7 @@ class BollardDriver(Driver):
         self._interlock = False  # a bollard.interlock is active (presence blocked a rise)
         self._generation = 0  # bumped by every command: a newer command supersedes one in progress
         self._log = structlog.get_logger(__name__).bind(device=config.id)
-        self._liveness = Liveness(
-            self.device,
-            self.status,
-            {"link": unit.hub.link.label, "unit": unit.unit},
-            config.offline_after,
-            self._log,
-        )
+        self._liveness = Liveness(self.device, self.status, unit.where, config.offline_after, self._log)
 
     @property
     def presence(self) -> Presence:
@@ -125,7 +119,7 @@ class BollardDriver(Driver):
         """Poll at the configured interval until cancelled."""
         self._sink = sink
         ticker = Ticker(self.config.poll_interval)
-        self._log.info("polling", link=self.unit.hub.link.label, unit=self.unit.unit, gate=self.config.gate)
+        self._log.info("polling", **self.unit.where, gate=self.config.gate)
         try:
             while True:
                 await ticker.wait()

@@ -20,7 +20,7 @@ class CameraFamily(DriverFamily):
 
     def __init__(self, devices: Sequence[DeviceConfig], ctx: DriverContext) -> None:
         super().__init__(devices, ctx)
-        self.configs = [_own(d) for d in devices]
+        self.configs = self.own_configs(CameraConfig, devices)
         self._drivers: list[CameraDriver] = []
         self._checker: VideoChecker | None = None
 
@@ -28,17 +28,15 @@ class CameraFamily(DriverFamily):
     def check(cls, devices: Sequence[DeviceConfig], ctx: DriverContext) -> list[tuple[int, str, str]]:
         """Password files that do not exist; two cameras at one address."""
         issues: list[tuple[int, str, str]] = []
-        seen: dict[tuple[str, int], int] = {}
-        for i, dev in enumerate(devices):
-            cfg = _own(dev)
+        configs = cls.own_configs(CameraConfig, devices)
+        again = cls.repeats((cfg.host.lower(), cfg.port) for cfg in configs)
+        for i, cfg in enumerate(configs):
             if cfg.password_file is not None and not cfg.password_file.is_file():
                 issues.append((i, "password_file", f"no such file: {cfg.password_file}"))
-            key = (cfg.host.lower(), cfg.port)
-            if key in seen:
+            if i in again:
                 issues.append(
-                    (i, "host", f"{cfg.host}:{cfg.port} is also devices[{seen[key]}] of this family")
+                    (i, "host", f"{cfg.host}:{cfg.port} is also devices[{again[i]}] of this family")
                 )
-            seen.setdefault(key, i)
         return issues
 
     @property
@@ -68,9 +66,3 @@ class CameraFamily(DriverFamily):
         if self._checker is not None:
             await self._checker.__aexit__(exc_type, exc, tb)
             self._checker = None
-
-
-def _own(dev: DeviceConfig) -> CameraConfig:
-    if not isinstance(dev, CameraConfig):
-        raise TypeError(f"{dev.id}: not a CameraConfig but {type(dev).__name__}")
-    return dev
