@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +29,7 @@ from lxml import etree
 
 from simulators.cli import add_sim_parser
 from simulators.onvif_camera import OnvifCameraSimulator
+from tests.support.waiting import eventually
 
 
 def _import_quietly(name: str) -> ModuleType:
@@ -452,9 +454,12 @@ async def test_pull_point_manager_of_the_client(sim: OnvifCameraSimulator, cam: 
 
 
 async def test_subscription_expires_at_its_termination_time(sim: OnvifCameraSimulator, cam: Any) -> None:
+    started = time.monotonic()
     service, _, _ = await pullpoint(cam, "PT1S")
     assert sim.counters()["subscriptions"]["active"] == 1
-    await asyncio.sleep(1.3)
+    # Gone within 1.3 s (PT1S plus the simulator's expiry tick and slack), and not before 1 s.
+    await eventually(lambda: sim.counters()["subscriptions"]["expired"] == 1, timeout=1.3)
+    assert time.monotonic() - started >= 0.9  # at its termination time, not early (0.1 s for clocks)
     assert sim.counters()["subscriptions"]["active"] == 0
     assert sim.counters()["subscriptions"]["expired"] == 1
     with pytest.raises(zeep.exceptions.Fault):
