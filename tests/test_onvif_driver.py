@@ -175,7 +175,15 @@ async def test_hostile_camera_is_refused_logged_once_and_isolated(tmp_path: Path
             assert len(sink.of("device.offline")) == 1
             assert offline.data["host"] == "127.0.0.1"
             await evil.set_hostile("billion_laughs")
-            await asyncio.sleep(1.5)
+            # Two more refused attempts: the first may have been answered with the XXE document
+            # already, so the second at least met the billion laughs (and refused it, unexpanded).
+            errors, served = bad.status.poll_errors, sum(evil.counters()["requests"].values())
+            await until(lambda: bad.status.poll_errors >= errors + 2)
+            assert sum(evil.counters()["requests"].values()) > served
+            assert "unsafe XML" in (bad.status.last_error or "") or "bad XML" in (bad.status.last_error or "")
+            assert "lollol" not in (bad.status.last_error or "")  # no entity expanded
+            assert len(sink.of("device.offline")) == 1  # still offline, not announced again
+            assert not sink.of("device.online")
             await evil.set_hostile(None)
             await sink.wait(is_("device.online", device="cam-evil"), within=WAIT)
 
@@ -244,5 +252,10 @@ async def test_an_odd_camera_answer_is_a_device_error_not_a_crash(
         error = driver.status.last_error or ""
         # a DeviceProtocolError, converted at the driver edge
         assert "no usable UTC time" in error or "subscription address" in error, error
-        await asyncio.sleep(1.5)  # it keeps retrying, the task alive (a crash would end the TaskGroup)
+        # It keeps retrying, the task alive (a crash would end the TaskGroup, cancelling this wait):
+        # two more attempts, each failing as a device error.
+        errors = driver.status.poll_errors
+        await until(lambda: driver.status.poll_errors >= errors + 2, within=3 * WAIT)
         assert driver.state in (CameraState.BACKING_OFF, CameraState.CONNECTING, CameraState.CONNECTED)
+        again = driver.status.last_error or ""  # reconnecting says the same, not a library error
+        assert "no usable UTC time" in again or "subscription address" in again, again

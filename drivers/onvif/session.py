@@ -134,6 +134,9 @@ class CameraSession:
         return None if diff is None else diff.total_seconds()
 
     async def open(self, profile: str | None) -> CameraInfo:
+        # Our own clock check first: a camera without a usable UTC time is then reported the
+        # same way at connect as in the health check, not by the library's AttributeError.
+        await self.measure_clock()
         await self.call("connect (GetServices, clock)", self.camera.update_xaddrs())
         devicemgmt = await self.call("device service", self.camera.create_devicemgmt_service())
         info = await self.call("GetDeviceInformation", devicemgmt.GetDeviceInformation())
