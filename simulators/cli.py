@@ -12,7 +12,7 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from simulators.alarm_box import AlarmBoxSimulator
@@ -122,92 +122,69 @@ def _add_camera_parser(kinds: Any) -> None:
 
 
 def run_camera(args: argparse.Namespace) -> int:
-    try:
-        asyncio.run(_serve_camera(args))
-    except ValueError as exc:
-        print(f"sim camera: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"sim camera: cannot listen: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    def make() -> Any:
+        from simulators.onvif_camera import OnvifCameraSimulator  # cv2 and numpy load only here
 
+        return OnvifCameraSimulator(
+            port=args.port,
+            control_port=args.control_port,
+            user=args.user,
+            password=args.password,
+            profiles=args.profiles,
+            get_services=not args.no_get_services,
+            max_subscriptions=args.max_subscriptions,
+            state_style=args.state_style,
+        )
 
-async def _serve_camera(args: argparse.Namespace) -> None:
-    from simulators.onvif_camera import OnvifCameraSimulator  # cv2 and numpy load only for the camera
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with OnvifCameraSimulator(
-        port=args.port,
-        control_port=args.control_port,
-        user=args.user,
-        password=args.password,
-        profiles=args.profiles,
-        get_services=not args.no_get_services,
-        max_subscriptions=args.max_subscriptions,
-        state_style=args.state_style,
-    ) as sim:
-        ready = {"sim": "camera", "port": sim.port, "control_port": sim.control_port}
-        print(json.dumps(ready), flush=True)
-        await stop.wait()
+    return _run("camera", make, {})
 
 
 def run_alarm_box(args: argparse.Namespace) -> int:
-    try:
-        asyncio.run(_serve_alarm_box(args))
-    except ValueError as exc:
-        print(f"sim alarm-box: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"sim alarm-box: cannot listen: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-async def _serve_alarm_box(args: argparse.Namespace) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     units = args.units or [1]
-    async with AlarmBoxSimulator(
-        port=args.port, control_port=args.control_port, inputs=args.inputs, units=units
-    ) as sim:
-        ready = {"sim": "alarm-box", "port": sim.port, "control_port": sim.control_port, "units": units}
-        print(json.dumps(ready), flush=True)
-        await stop.wait()
+
+    def make() -> Any:
+        return AlarmBoxSimulator(
+            port=args.port, control_port=args.control_port, inputs=args.inputs, units=units
+        )
+
+    return _run("alarm-box", make, {"units": units})
 
 
 def run_bollard(args: argparse.Namespace) -> int:
+    def make() -> Any:
+        return BollardSimulator(
+            port=args.port,
+            control_port=args.control_port,
+            units=args.units,
+            raise_seconds=args.raise_seconds,
+            lower_seconds=args.lower_seconds,
+            emergency_seconds=args.emergency_seconds,
+        )
+
+    return _run("bollard", make, {"units": args.units})
+
+
+def _run(kind: str, make: Callable[[], Any], ready: dict[str, Any]) -> int:
+    """Run one simulator until SIGINT / SIGTERM: exit 2 on bad settings, 1 if it cannot listen."""
     try:
-        asyncio.run(_serve_bollard(args))
+        asyncio.run(_serve(kind, make, ready))
     except ValueError as exc:
-        print(f"sim bollard: {exc}", file=sys.stderr)
+        print(f"sim {kind}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"sim bollard: cannot listen: {exc}", file=sys.stderr)
+        print(f"sim {kind}: cannot listen: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve_bollard(args: argparse.Namespace) -> None:
+async def _serve(kind: str, make: Callable[[], Any], ready: dict[str, Any]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with BollardSimulator(
-        port=args.port,
-        control_port=args.control_port,
-        units=args.units,
-        raise_seconds=args.raise_seconds,
-        lower_seconds=args.lower_seconds,
-        emergency_seconds=args.emergency_seconds,
-    ) as sim:
-        ready = {"sim": "bollard", "port": sim.port, "control_port": sim.control_port, "units": args.units}
-        print(json.dumps(ready), flush=True)
+    async with make() as sim:
+        line = {"sim": kind, "port": sim.port, "control_port": sim.control_port, **ready}
+        print(json.dumps(line), flush=True)
         await stop.wait()
 
 
