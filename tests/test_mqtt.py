@@ -317,7 +317,7 @@ async def test_connect_to_frozen_broker_times_out(broker: Mosquitto) -> None:
         async with conn:
             pytest.fail("connected to a frozen broker")
     elapsed = time.monotonic() - started
-    assert 0.9 <= elapsed < 1.5
+    assert 0.9 <= elapsed < 2.5  # the timeout, plus slack for a loaded CI box
     assert not conn.connected
     assert conn.close_reason is not None
 
