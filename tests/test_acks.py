@@ -7,6 +7,7 @@ import asyncio
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -239,16 +240,35 @@ async def run_ticks(sup: AckSupervisor, rec: Recorder, seconds: float) -> None:
         await asyncio.sleep(min(left, 0.05 if due is None else max(0.001, min(due, 0.05))))
 
 
+async def tick_until(
+    sup: AckSupervisor, rec: Recorder, done: Callable[[], bool], within: float = 5.0
+) -> None:
+    """Tick as the uplink's loop does until ``done()`` holds; fail after ``within`` seconds.
+
+    Checked after every tick, so the test sees the state at the first tick that made it true,
+    however slowly a loaded box runs the ticks."""
+    end = time.monotonic() + within
+    for _ in range(10_000):
+        due = await sup.tick(rec.publish)
+        if done():
+            return
+        if time.monotonic() > end:
+            break
+        await asyncio.sleep(0.05 if due is None else max(0.001, min(due, 0.05)))
+    raise AssertionError(f"not done within {within} s: {rec.published=} {rec.reports=}")
+
+
 async def test_renotifies_after_delivery_until_the_limit_then_raises_trouble(tmp_path: Path) -> None:
     rec = Recorder()
     async with open_outbox(tmp_path / "outbox.db") as outbox:
         sup = supervisor(outbox, rec)
         event = await outbox.append(panic(), ["police"])
-        await run_ticks(sup, rec, 0.7)
+        await tick_until(sup, rec, lambda: bool(rec.troubles(TroubleCode.ACK_DEADLINE)))  # 0.6 s
         assert rec.published == []  # not at the broker yet: the stream's own copy comes first
-        assert rec.troubles(TroubleCode.ACK_DEADLINE) == [("active", event.id)]  # 0.6 s deadline
+        assert rec.troubles(TroubleCode.ACK_DEADLINE) == [("active", event.id)]
         await deliver(outbox, "police")
-        await run_ticks(sup, rec, 1.8)  # repeats at ~0.5 and ~1.0 s, then the limit at ~1.5 s
+        # repeats at ~0.5 and ~1.0 s, then the limit at ~1.5 s
+        await tick_until(sup, rec, lambda: bool(rec.troubles(TroubleCode.ACK_LIMIT)))
         repeats = [json.loads(p) for _, p in rec.published]
         assert [(r["id"], r["seq"], r["repeat"]) for r in repeats] == [
             (event.id, event.seq, 1),
@@ -269,7 +289,8 @@ async def test_an_ack_stops_renotification_and_clears_the_deadline_trouble(tmp_p
         sup = supervisor(outbox, rec, renotify_limit=100, ack_deadline=0.3)
         event = await outbox.append(panic(), ["police"])
         await deliver(outbox, "police")
-        await run_ticks(sup, rec, 0.8)
+        # the deadline (0.3 s) passes before the first repeat (0.5 s)
+        await tick_until(sup, rec, lambda: len(rec.published) >= 1)
         assert len(rec.published) == 1
         outcome = await sup.acknowledge(event.id)
         assert outcome.data["ack"] == "acknowledged"
@@ -350,7 +371,7 @@ async def test_no_repeats_while_the_uplink_cannot_publish(tmp_path: Path) -> Non
         assert outbox.awaiting("police")[0].repeats == 0
         assert rec.troubles(TroubleCode.ACK_LIMIT) == []  # a repeat never sent is not counted
         rec.accept = True
-        await run_ticks(sup, rec, 0.2)
+        await tick_until(sup, rec, lambda: len(rec.published) >= 1)
         assert len(rec.published) == 1
 
 

@@ -98,10 +98,15 @@ async def test_cli_commands_as_tables_and_json(
     assert "last seq" in (await acli("outbox", *sock)).stdout
 
     follow = asyncio.create_task(acli("events", *sock, "--follow", "--count", "1", "--json"))
-    await asyncio.sleep(1.0)
-    sent = await acli("test-alarm", "box-gate", *sock)
-    assert sent.returncode == 0, sent.stderr
-    assert "test alarm sent from box-gate" in sent.stdout
+    # The follower says nothing until an event comes, so there is no sign that it is
+    # listening yet: send test alarms until one reaches it (bounded).
+    for _ in range(10):
+        sent = await acli("test-alarm", "box-gate", *sock)
+        assert sent.returncode == 0, sent.stderr
+        assert "test alarm sent from box-gate" in sent.stdout
+        await asyncio.wait([follow], timeout=1.0)
+        if follow.done():
+            break
     streamed = json.loads((await follow).stdout.splitlines()[0])
     assert streamed["type"] == "alarm.test"
     assert streamed["data"]["contact_id"] == 1601
@@ -117,8 +122,11 @@ async def test_cli_commands_as_tables_and_json(
     held = await acli("reset", "box-gate", *sock, "--json")
     assert held.returncode == 1  # still pressed: refused with 409
     await box.release(0)
-    await asyncio.sleep(0.5)
-    done = await acli("reset", "box-gate", *sock, "--json")
+    for _ in range(50):  # refused (409) until a poll has seen the release; bounded
+        done = await acli("reset", "box-gate", *sock, "--json")
+        if done.returncode != 1:
+            break
+        await asyncio.sleep(0.1)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["cleared"] == [0]
     again = await acli("reset", "box-gate", *sock)  # as a table: nothing latched any more

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RAISE, LOWER, EMERGENCY = 1.0, 0.6, 0.2  # seconds for a full travel, as the fixture sets them
 SAMPLE = 0.01  # s between reads while waiting
 WAIT = 4.0  # s: the longest any wait here may take
+PATIENT = 3.0  # s: a client's timeout for reads meant to succeed, even on a loaded CI box
 
 LOWERED, RAISING, RAISED, LOWERING, FAULT, EMERGENCY_RISE = range(6)
 
@@ -56,7 +57,7 @@ async def sim() -> AsyncIterator[BollardSimulator]:
 
 @pytest.fixture
 async def client(sim: BollardSimulator) -> AsyncIterator[AsyncModbusTcpClient]:
-    c = AsyncModbusTcpClient("127.0.0.1", port=sim.port, timeout=0.5, retries=0)
+    c = AsyncModbusTcpClient("127.0.0.1", port=sim.port, timeout=PATIENT, retries=0)
     assert await c.connect()
     try:
         yield c
@@ -251,7 +252,7 @@ async def test_presence_during_a_rise_reverses_it(
 async def test_emergency_rise_reverses_on_the_loop_too() -> None:
     slow = BollardSimulator(emergency_seconds=1.0)  # slow enough to catch it half way
     async with slow:
-        c = AsyncModbusTcpClient("127.0.0.1", port=slow.port, timeout=0.5, retries=0)
+        c = AsyncModbusTcpClient("127.0.0.1", port=slow.port, timeout=PATIENT, retries=0)
         assert await c.connect()
         try:
             await command(c, 2)
@@ -419,8 +420,8 @@ async def test_command_writes_count_only_writes_that_reach_the_plc(
 
 
 async def test_transport_faults(sim: BollardSimulator) -> None:
-    async def fresh() -> AsyncModbusTcpClient:
-        c = AsyncModbusTcpClient("127.0.0.1", port=sim.port, timeout=0.3, retries=0)
+    async def fresh(timeout: float = PATIENT) -> AsyncModbusTcpClient:
+        c = AsyncModbusTcpClient("127.0.0.1", port=sim.port, timeout=timeout, retries=0)
         assert await c.connect()
         return c
 
@@ -433,7 +434,7 @@ async def test_transport_faults(sim: BollardSimulator) -> None:
 
     for fault in (sim.silent, sim.garbage, sim.drop):
         await fault()
-        await fails(await fresh())
+        await fails(await fresh(timeout=0.3))  # short: this read is meant to time out
         await sim.normal()
         c = await fresh()
         assert (await read(c)).state == LOWERED
@@ -599,7 +600,7 @@ async def test_simulator_process_driven_over_modbus_and_http() -> None:
         assert ready["sim"] == "bollard"
         assert ready["units"] == [1, 2]
         base = f"http://127.0.0.1:{ready['control_port']}"
-        c = AsyncModbusTcpClient("127.0.0.1", port=ready["port"], timeout=0.5, retries=0)
+        c = AsyncModbusTcpClient("127.0.0.1", port=ready["port"], timeout=PATIENT, retries=0)
         assert await c.connect()
         try:
             await command(c, 1, unit=2)

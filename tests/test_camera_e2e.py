@@ -141,7 +141,7 @@ async def test_patrol_report_and_self_test(
             }
 
             await box.silent()
-            await cam.reboot(downtime=5.0)
+            await cam.reboot(downtime=30.0)  # down for the whole self-test, however slow the box
             sub.messages.clear()
             cmd = build_command(b"k" * 40, "gateway.self_test", "gateway")
             await asyncio.to_thread(

@@ -27,6 +27,7 @@ from simulators.alarm_box import AlarmBoxSimulator
 from tests.support.broker import Mosquitto
 from tests.support.daemon import Daemon, base_config
 from tests.support.subscriber import Received, Subscriber, await_for
+from tests.support.waiting import press_held
 
 KEY = b"police-key-0123456789abcdef0123456789"
 PRESENCE = "campus-platform/police/state"
@@ -164,12 +165,6 @@ def police_heartbeat(msgs: list[Received]) -> dict[str, Any] | None:
     return beats[-1].json()["uplinks"]["police"] if beats else None
 
 
-async def press(box: AlarmBoxSimulator, zone: int) -> None:
-    await box.press(zone)
-    await asyncio.sleep(0.3)  # a finger on the button for several 50 ms polls
-    await box.release(zone)
-
-
 def alarm_ids(sub: Subscriber, after_seq: int) -> dict[str, dict[str, Any]]:
     return {e["id"]: e for e in sub.events("alarm.") if e["seq"] > after_seq}
 
@@ -185,7 +180,7 @@ async def test_no_alarm_lost_when_the_broker_restarts_while_the_console_is_away(
             try:
                 await asyncio.to_thread(console.start)
                 # The round trip while everybody is there: alarm, ack, the box's LED.
-                await press(box, 0)
+                await press_held(box, 0)
                 first = await asyncio.to_thread(
                     console.wait_for, lambda _r: next(iter(console.events("alarm.panic")), None)
                 )
@@ -196,13 +191,13 @@ async def test_no_alarm_lost_when_the_broker_restarts_while_the_console_is_away(
                 assert await asyncio.to_thread(console.stop) == 0
                 await await_for(sub, lambda m: (police_heartbeat(m) or {}).get("platform") == "offline", WAIT)
                 seen_before = max(e["seq"] for e in console.events(""))
-                await press(box, 1)
+                await press_held(box, 1)
                 await box.tamper(True)  # the lid: alarm.tamper
                 # The broker restarts without persistence: sessions and retained messages go.
                 await asyncio.to_thread(police.stop)
-                await press(box, 2)
+                await press_held(box, 2)
                 await asyncio.to_thread(police.start)
-                await press(box, 3)
+                await press_held(box, 3)
                 await box.tamper(False)
 
                 def outage_alarms(_m: list[Received]) -> dict[str, dict[str, Any]] | None:

@@ -421,7 +421,7 @@ async def responder(*, answer: bool = True) -> tuple[asyncio.DatagramTransport, 
 async def test_discover_onvif_table(capsys: pytest.CaptureFixture[str]) -> None:
     transport, proto, port = await responder()
     try:
-        r = await run(capsys, "discover", "onvif", "--target", f"127.0.0.1:{port}", "--timeout", "0.5")
+        r = await run(capsys, "discover", "onvif", "--target", f"127.0.0.1:{port}", "--timeout", "2")
     finally:
         transport.close()
     assert r.code == 0, r.err
@@ -442,7 +442,7 @@ async def test_discover_onvif_table(capsys: pytest.CaptureFixture[str]) -> None:
     ]
     assert lines[3].split() == ["127.0.0.1", "Gym", "SimCam-2", "http://127.0.0.1:8002/onvif/device_service"]
     assert "refused an answer from 127.0.0.1: unsafe XML (dtd)" in r.out
-    assert lines[-1] == "2 camera(s) answered within 0.5 s"
+    assert lines[-1] == "2 camera(s) answered within 2 s"
     assert "Other" not in r.out  # answered someone else's probe
 
 
@@ -458,7 +458,7 @@ async def test_discover_onvif_json_from_an_interface(capsys: pytest.CaptureFixtu
             "--interface",
             "127.0.0.1",
             "--timeout",
-            "0.5",
+            "2",
             "--json",
         )
     finally:
@@ -521,7 +521,9 @@ async def test_discover_onvif_usage_errors_exit_2(
 
 async def test_discover_modbus_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     async with AlarmBoxSimulator(units=(1, 3), inputs=8) as sim, BollardSimulator(units=(4,)) as bollard:
-        r = await run(capsys, "discover", "modbus", f"127.0.0.1:{sim.port}", "--units", "1-5")
+        r = await run(
+            capsys, "discover", "modbus", f"127.0.0.1:{sim.port}", "--units", "1-5", "--timeout", "3"
+        )
         assert r.code == 0, r.err
         lines = r.out.splitlines()
         assert lines[0] == f"discover modbus tcp://127.0.0.1:{sim.port}: holding registers 0+1 on each unit"
@@ -538,6 +540,8 @@ async def test_discover_modbus_table_and_json(capsys: pytest.CaptureFixture[str]
             "2,4",
             "--table",
             "coils",
+            "--timeout",
+            "3",
             "--json",
         )
     assert r.code == 0, r.err

@@ -26,7 +26,11 @@ from gateway.events import DeviceKind, EventState, Observation, Severity
 from simulators.alarm_box import AlarmBoxSimulator
 
 POLL = 0.05
+# A box's read timeout where a test makes reads fail on purpose (faults), so that it goes
+# offline quickly; every other test gets PATIENT, so a loaded CI box cannot turn a slow
+# answer into a failure the test did not ask for.
 TIMEOUT = 0.1
+PATIENT = 2.0
 WAIT = 3.0  # upper bound for anything to show up; the assertions on latency are tighter
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +79,7 @@ def box(sim: AlarmBoxSimulator, id_: str = "box", **kw: Any) -> AlarmBoxConfig:
         "port": sim.port,
         "profile": "generic-8di",
         "poll_interval": POLL,
-        "timeout": TIMEOUT,
+        "timeout": PATIENT,
         "reconnect_max": 0.3,
         **kw,
     }
@@ -124,7 +128,7 @@ async def test_press_is_a_latched_panic_release_is_nothing(sim: AlarmBoxSimulato
         start = time.monotonic()
         await sim.press(0)
         panic = await sink.wait(is_("alarm.panic", EventState.ACTIVE))
-        assert time.monotonic() - start < 4 * POLL + 0.2
+        assert time.monotonic() - start < 1.0  # 2 polls' debounce (0.1 s) and a loaded box's slack
         assert panic.severity is Severity.CRITICAL
         assert panic.device.id == "box"
         assert panic.device.kind is DeviceKind.ALARM_BOX
@@ -204,7 +208,7 @@ async def test_line_cut_and_short_are_line_faults(sim: AlarmBoxSimulator) -> Non
 
 @pytest.mark.parametrize("fault", ["silent", "garbage", "drop", "close_port"])
 async def test_fault_gives_one_offline_then_online(sim: AlarmBoxSimulator, fault: str) -> None:
-    async with running([box(sim)]) as (family, sink):
+    async with running([box(sim, timeout=TIMEOUT)]) as (family, sink):
         (driver,) = family.drivers
         await polls(driver, 2)
         with structlog.testing.capture_logs() as logs:
@@ -439,7 +443,9 @@ async def test_a_change_is_confirmed_at_once_not_a_poll_later(sim: AlarmBoxSimul
         assert 0.8 * interval < took < 1.8 * interval  # without the confirming read: about 2 intervals
         reads = sim.requests(function_code=2)
         await asyncio.sleep(0.3)
-        assert sim.requests(function_code=2) == reads  # settled: back on the 1 s grid, no extra reads
+        # settled: back on the 1 s grid. A late box may see one regular poll in 0.3 s; a driver
+        # still confirming would read every few ms (MAX_CONFIRMS reads in a row).
+        assert sim.requests(function_code=2) - reads <= 1
 
 
 async def test_reset_and_ack_commands(sim: AlarmBoxSimulator) -> None:

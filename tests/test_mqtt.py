@@ -30,9 +30,10 @@ from tests.support.subscriber import Received, Subscriber
 # frozen broker is declared lost after 1.5 s.
 FAST_KEEPALIVE = 1.0
 # What "not blocked" means for the loop during a connect: measured 1.5 ms idle and 2.4 ms
-# across ten TLS connects on the 2-core dev box; the rest is headroom for scheduling noise.
-# A connect that blocked on a frozen broker would show the whole connect_timeout (1 s).
-MAX_LOOP_LAG = 0.025
+# across ten TLS connects on an idle 2-core box, but a loaded CI box can deschedule the
+# whole process for tens of ms. A connect that blocked on a frozen broker would show the
+# whole connect_timeout (1 s), five times this bound.
+MAX_LOOP_LAG = 0.2
 # Bound on waits for something that should happen within milliseconds on loopback.
 QUICK = 5.0
 
@@ -469,10 +470,10 @@ async def test_killed_broker_detected_at_once(broker: Mosquitto) -> None:
         broker.freeze()  # so that these stay unacknowledged
         futs = [conn.publish("t/lost", str(i).encode()) for i in range(10)]
         await asyncio.sleep(0.05)
-        started = time.monotonic()
         broker.kill()
-        await asyncio.wait_for(conn.wait_closed(), 1.0)
-        assert time.monotonic() - started < 0.5
+        started = time.monotonic()  # after the kill: reaping the broker is not ours to time
+        await asyncio.wait_for(conn.wait_closed(), 3.0)
+        assert time.monotonic() - started < 2.0  # at once, not after keepalive (5 s) silence
         closed = ("the broker closed the connection", "socket error: Connection reset by peer")
         assert conn.close_reason in closed
         results = await asyncio.gather(*futs, return_exceptions=True)

@@ -457,8 +457,8 @@ async def test_subscription_expires_at_its_termination_time(sim: OnvifCameraSimu
     started = time.monotonic()
     service, _, _ = await pullpoint(cam, "PT1S")
     assert sim.counters()["subscriptions"]["active"] == 1
-    # Gone within 1.3 s (PT1S plus the simulator's expiry tick and slack), and not before 1 s.
-    await eventually(lambda: sim.counters()["subscriptions"]["expired"] == 1, timeout=1.3)
+    # Gone after PT1S (plus the simulator's expiry tick; 3 s bounds a loaded box), not before.
+    await eventually(lambda: sim.counters()["subscriptions"]["expired"] == 1, timeout=3.0)
     assert time.monotonic() - started >= 0.9  # at its termination time, not early (0.1 s for clocks)
     assert sim.counters()["subscriptions"]["active"] == 0
     assert sim.counters()["subscriptions"]["expired"] == 1

@@ -30,7 +30,8 @@ from gateway.events import schema
 from simulators.alarm_box import AlarmBoxSimulator
 from tests.support.broker import Mosquitto
 from tests.support.daemon import Daemon, base_config
-from tests.support.subscriber import Received, Subscriber, await_for
+from tests.support.subscriber import Received, Subscriber, await_for, stop_paho
+from tests.support.waiting import press_held
 
 VALIDATOR = jsonschema.Draft202012Validator(schema())
 BASE = "campus/530102/sch-1/gw-1"
@@ -59,8 +60,7 @@ class Platform:
         client, self.client = self.client, None
         assert client is not None
         client.publish(self.topic, self._payload(False), qos=1, retain=True).wait_for_publish(5)
-        client.disconnect()
-        client.loop_stop()
+        stop_paho(client)
 
     @staticmethod
     def _payload(online: bool) -> bytes:
@@ -200,12 +200,6 @@ async def final_reply(sub: Subscriber, command_id: str) -> dict[str, Any]:
     return result
 
 
-async def press(box: AlarmBoxSimulator, zone: int) -> None:
-    await box.press(zone)
-    await asyncio.sleep(0.3)  # held like a finger on the button: several 50 ms polls
-    await box.release(zone)
-
-
 # -- presence ---------------------------------------------------------------------------------
 
 
@@ -216,7 +210,7 @@ async def test_events_wait_in_the_outbox_while_the_platform_is_away(site: Site) 
         # Connected, but nobody has said the platform is there: nothing is published.
         entry = await wait_heartbeat(sub, lambda u: u["state"] == "connected" and u["depth"] >= 1)
         assert entry["platform"] == "unknown"
-        await press(site.box, 0)
+        await press_held(site.box, 0)
         # started, the alarm, and the trouble of an alarm held over 2 s (all held)
         await wait_heartbeat(sub, lambda u: u["depth"] >= 3)
         assert events(sub) == []
@@ -234,7 +228,7 @@ async def test_events_wait_in_the_outbox_while_the_platform_is_away(site: Site) 
 
         await asyncio.to_thread(platform.offline)  # away again: held again
         await wait_heartbeat(sub, lambda u: u["platform"] == "offline")
-        await press(site.box, 1)
+        await press_held(site.box, 1)
         await wait_heartbeat(sub, lambda u: u["depth"] >= 1)
         assert [e for e in events(sub, "alarm.panic") if e["data"]["zone_name"] == "Panic button 2"] == []
         # The technician sees why: the API, the CLI and the metrics show the presence.
@@ -262,7 +256,7 @@ async def test_unacked_alarm_is_renotified_until_acked_also_across_restarts(site
     cfg = site.config({"renotify_interval": 1.0, "renotify_limit": 100, "ack_deadline": 1.5})
     daemon = Daemon(site.tmp / "d", cfg)
     with Subscriber(site.broker.port, f"{BASE}/#") as sub, daemon:
-        await press(site.box, 0)
+        await press_held(site.box, 0)
         first = await alarm(sub, "Panic button 1")
         assert "repeat" not in first
         await await_for(sub, lambda _m: len(copies(sub, first["id"])) >= 3, WAIT)
@@ -292,7 +286,7 @@ async def test_unacked_alarm_is_renotified_until_acked_also_across_restarts(site
         assert len(copies(sub, first["id"])) == settled
 
         # A second alarm, not acked; the daemon is killed and comes back.
-        await press(site.box, 1)
+        await press_held(site.box, 1)
         second = await alarm(sub, "Panic button 2")
         await await_for(sub, lambda _m: len(copies(sub, second["id"])) >= 2, WAIT)
         before = max(b.get("repeat") or 0 for b in copies(sub, second["id"]))
@@ -318,7 +312,7 @@ async def test_unacked_alarm_is_renotified_until_acked_also_across_restarts(site
 async def test_renotify_limit_raises_trouble_and_stops(site: Site) -> None:
     cfg = site.config({"renotify_interval": 0.5, "renotify_limit": 2, "ack_deadline": 60})
     with Subscriber(site.broker.port, f"{BASE}/#") as sub, Daemon(site.tmp / "d", cfg):
-        await press(site.box, 0)
+        await press_held(site.box, 0)
         first = await alarm(sub, "Panic button 1")
         gave_up = await trouble(sub, "ack_limit", "active", first["id"])
         assert gave_up["data"]["repeats"] == 2
@@ -334,7 +328,7 @@ async def test_renotify_limit_raises_trouble_and_stops(site: Site) -> None:
 async def test_bad_acks_are_refused_and_change_nothing(site: Site) -> None:
     cfg = site.config({"renotify_interval": 0.5, "renotify_limit": 100, "ack_deadline": 60})
     with Subscriber(site.broker.port, f"{BASE}/#") as sub, Daemon(site.tmp / "d", cfg):
-        await press(site.box, 0)
+        await press_held(site.box, 0)
         first = await alarm(sub, "Panic button 1")
         for bad in ("not-an-id", 42, ""):
             cmd = build_command(KEY, "alarm.ack", "gateway", {"event_id": bad})

@@ -33,7 +33,9 @@ def uplink_config(*ports: int, **extra: Any) -> UplinkConfig:
             "name": "police",
             "endpoints": [f"mqtt://127.0.0.1:{p}" for p in ports],
             "keepalive": 10,  # long: the alarm deadline, not keepalive, must notice the frozen broker
-            "alarm_deadline": 0.5,
+            # Long: only the tests about the deadline shorten it, so a loaded CI box cannot
+            # raise a trouble (and fail over) in a test that did not ask for one.
+            "alarm_deadline": 5.0,
             "reconnect_initial": 0.05,
             "reconnect_max": 0.5,
             "connect_timeout": 1.0,
@@ -110,7 +112,7 @@ async def test_alarm_not_acked_in_time_raises_trouble_and_fails_over(tmp_path: P
         Mosquitto(tmp_path / "b") as backup,
         Subscriber(backup.port, TOPIC) as backup_sub,
     ):
-        h = Harness(outbox, uplink_config(primary.port, backup.port))
+        h = Harness(outbox, uplink_config(primary.port, backup.port, alarm_deadline=0.5))
         task = await run(h)
         try:
             await h.wait_state(UplinkState.CONNECTED)
@@ -176,7 +178,7 @@ async def test_a_late_alarm_in_a_drained_backlog_raises_trouble_once_and_clears_
     # the broker returns, the trouble must stay active until the alarm itself is at the
     # broker, not flap active/cleared with every PUBACK of the rows before it.
     port = free_port()
-    h = Harness(outbox, uplink_config(port))
+    h = Harness(outbox, uplink_config(port, alarm_deadline=0.5))
     task = await run(h)
     try:
         info = Observation(BOX, "device.online", Severity.INFO, EventState.CLEARED, data={"contact_id": 3350})

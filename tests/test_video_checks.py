@@ -439,8 +439,9 @@ def test_video_loss_and_tamper_are_independent() -> None:
 
 @pytest.fixture
 def slow_analyze(monkeypatch: pytest.MonkeyPatch) -> float:
-    """analyze sleeps this long (in the worker thread) before analysing."""
-    delay = 0.3
+    """analyze sleeps this long (in the worker thread) before analysing: far beyond the
+    50 ms timeouts below, so "timed out" and "still running" hold on a loaded box."""
+    delay = 1.0
     real = video.analyze
 
     def sleepy(*args: Any, **kwargs: Any) -> FrameStats:
@@ -519,7 +520,7 @@ async def test_checker_timeout_skips_the_frame(slow_analyze: float) -> None:
 
 
 async def test_checker_queue_is_bounded(slow_analyze: float) -> None:
-    cfg = VideoCheckConfig()
+    cfg = VideoCheckConfig(interval=60.0, timeout=30.0)  # the second waits for the first: no timeout
     frame = normal(1)
     async with VideoChecker(workers=1, max_pending=2) as checker:
         results = await asyncio.gather(

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sqlite3
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -215,7 +216,10 @@ def test_daemon_pings_every_half_watchdog_usec_and_not_while_frozen(
     pings = [t for t, m in running if PING in m]
     assert 3 <= len(pings) <= 8, running
     gaps = [b - a for a, b in itertools.pairwise(pings)]
-    assert all(0.25 < g < 0.9 for g in gaps), gaps
+    # Every half interval; one late ping on a loaded box is fine as long as none comes as
+    # late as the watchdog's 1 s, which would have killed the daemon.
+    assert 0.35 < statistics.median(gaps) < 0.7, gaps
+    assert max(gaps) < 1.0, gaps
 
     os.kill(pid, signal.SIGSTOP)
     try:

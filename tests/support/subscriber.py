@@ -13,6 +13,20 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 
+def stop_paho(client: mqtt.Client) -> None:
+    """Disconnect a client run with ``loop_start`` and close every socket it opened.
+
+    ``loop_start`` opens a loopback socket pair to wake its thread, and paho closes it only in
+    ``Client.__del__``. A client whose callbacks point back at their owner sits in a reference
+    cycle, and the cycle collector finalizes its members in any order, so the sockets may be
+    finalized before ``__del__`` closes them: a ResourceWarning in whichever later test runs
+    ``gc.collect()``. Closing them here keeps each test's sockets inside that test.
+    """
+    client.disconnect()
+    client.loop_stop()
+    client._reset_sockets()  # paho has no public close for the wake-up pair
+
+
 @dataclass
 class Received:
     topic: str
@@ -61,8 +75,7 @@ class Subscriber:
         return self
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        stop_paho(self.client)
 
     def __enter__(self) -> Subscriber:
         return self.start()
