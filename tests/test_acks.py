@@ -223,39 +223,34 @@ class Recorder:
         ]
 
 
+WITHIN = 5.0  # s: the bound on waiting for a tick to do what the test expects
+
+
 def supervisor(outbox: Outbox, rec: Recorder, **cfg: float) -> AckSupervisor:
     settings = {"renotify_interval": 0.5, "renotify_limit": 2, "ack_deadline": 0.6, **cfg}
     platform = PlatformConfig(**settings)  # type: ignore[arg-type]
     return AckSupervisor("police", platform, outbox, GATEWAY, rec.reports.append)
 
 
-async def run_ticks(sup: AckSupervisor, rec: Recorder, seconds: float) -> None:
-    """Tick as the uplink's loop does, for ``seconds`` (bounded)."""
-    end = time.monotonic() + seconds
-    for _ in range(1000):
-        left = end - time.monotonic()
-        if left <= 0:
-            return
-        due = await sup.tick(rec.publish)
-        await asyncio.sleep(min(left, 0.05 if due is None else max(0.001, min(due, 0.05))))
-
-
-async def tick_until(
-    sup: AckSupervisor, rec: Recorder, done: Callable[[], bool], within: float = 5.0
+async def ticks(
+    sup: AckSupervisor, rec: Recorder, seconds: float, until: Callable[[], bool] | None = None
 ) -> None:
-    """Tick as the uplink's loop does until ``done()`` holds; fail after ``within`` seconds.
+    """Tick as the uplink's loop does.
 
-    Checked after every tick, so the test sees the state at the first tick that made it true,
-    however slowly a loaded box runs the ticks."""
-    end = time.monotonic() + within
+    With ``until``: until it holds, checked after every tick (the test sees the state at the
+    first tick that made it true, however slowly a loaded box runs them); failing after
+    ``seconds``. Without: for ``seconds``, a window in which something must not happen."""
+    end = time.monotonic() + seconds
     for _ in range(10_000):
         due = await sup.tick(rec.publish)
-        if done():
+        if until is not None and until():
             return
-        if time.monotonic() > end:
+        left = end - time.monotonic()
+        if left <= 0:
             break
-        await asyncio.sleep(0.05 if due is None else max(0.001, min(due, 0.05)))
-    raise AssertionError(f"not done within {within} s: {rec.published=} {rec.reports=}")
+        await asyncio.sleep(min(left, 0.05 if due is None else max(0.001, min(due, 0.05))))
+    if until is not None:
+        raise AssertionError(f"not done within {seconds} s: {rec.published=} {rec.reports=}")
 
 
 async def test_renotifies_after_delivery_until_the_limit_then_raises_trouble(tmp_path: Path) -> None:
@@ -263,12 +258,12 @@ async def test_renotifies_after_delivery_until_the_limit_then_raises_trouble(tmp
     async with open_outbox(tmp_path / "outbox.db") as outbox:
         sup = supervisor(outbox, rec)
         event = await outbox.append(panic(), ["police"])
-        await tick_until(sup, rec, lambda: bool(rec.troubles(TroubleCode.ACK_DEADLINE)))  # 0.6 s
+        await ticks(sup, rec, WITHIN, until=lambda: bool(rec.troubles(TroubleCode.ACK_DEADLINE)))  # 0.6 s
         assert rec.published == []  # not at the broker yet: the stream's own copy comes first
         assert rec.troubles(TroubleCode.ACK_DEADLINE) == [("active", event.id)]
         await deliver(outbox, "police")
         # repeats at ~0.5 and ~1.0 s, then the limit at ~1.5 s
-        await tick_until(sup, rec, lambda: bool(rec.troubles(TroubleCode.ACK_LIMIT)))
+        await ticks(sup, rec, WITHIN, until=lambda: bool(rec.troubles(TroubleCode.ACK_LIMIT)))
         repeats = [json.loads(p) for _, p in rec.published]
         assert [(r["id"], r["seq"], r["repeat"]) for r in repeats] == [
             (event.id, event.seq, 1),
@@ -290,12 +285,12 @@ async def test_an_ack_stops_renotification_and_clears_the_deadline_trouble(tmp_p
         event = await outbox.append(panic(), ["police"])
         await deliver(outbox, "police")
         # the deadline (0.3 s) passes before the first repeat (0.5 s)
-        await tick_until(sup, rec, lambda: len(rec.published) >= 1)
+        await ticks(sup, rec, WITHIN, until=lambda: len(rec.published) >= 1)
         assert len(rec.published) == 1
         outcome = await sup.acknowledge(event.id)
         assert outcome.data["ack"] == "acknowledged"
         assert rec.troubles(TroubleCode.ACK_DEADLINE) == [("active", event.id), ("cleared", event.id)]
-        await run_ticks(sup, rec, 1.2)
+        await ticks(sup, rec, 1.2)
         assert len(rec.published) == 1  # nothing after the ack
         assert (await sup.acknowledge(event.id)).data["ack"] == "already"
 
@@ -366,12 +361,12 @@ async def test_no_repeats_while_the_uplink_cannot_publish(tmp_path: Path) -> Non
         sup = supervisor(outbox, rec, renotify_limit=1)
         await outbox.append(panic(), ["police"])
         await deliver(outbox, "police")
-        await run_ticks(sup, rec, 1.3)
+        await ticks(sup, rec, 1.3)
         assert rec.published == []
         assert outbox.awaiting("police")[0].repeats == 0
         assert rec.troubles(TroubleCode.ACK_LIMIT) == []  # a repeat never sent is not counted
         rec.accept = True
-        await tick_until(sup, rec, lambda: len(rec.published) >= 1)
+        await ticks(sup, rec, WITHIN, until=lambda: len(rec.published) >= 1)
         assert len(rec.published) == 1
 
 

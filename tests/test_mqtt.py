@@ -459,7 +459,10 @@ async def test_loop_stall_is_not_blamed_on_the_broker(broker: Mosquitto) -> None
         await asyncio.sleep(1.5)
         await asyncio.wait_for(conn.publish("t/x", b"not acked", qos=0), QUICK)  # the broker hears us
         time.sleep(2.0)  # noqa: ASYNC251 - the loop stalls: 3.5 s of broker silence, not its fault
-        await asyncio.sleep(1.0)  # paho pings at once after the stall; the broker answers
+        stalled_until = asyncio.get_running_loop().time()
+        # paho pings at once after the stall and the broker answers: the first bytes heard
+        # after the stall, with the connection still up
+        await eventually(lambda: conn._last_rx > stalled_until or not conn.connected, what="a PINGRESP")
         assert conn.connected, conn.close_reason
         await asyncio.wait_for(conn.publish("t/x", b"still up"), QUICK)
 
@@ -508,7 +511,11 @@ async def test_no_will_on_clean_exit(broker: Mosquitto) -> None:
             await asyncio.wait_for(conn.publish("gw/status", b"online", retain=True), QUICK)
         assert conn.close_reason == "disconnected (DISCONNECT sent)"
         await eventually(lambda: on_topic(live, "gw/status"), what="the online message")
-        await asyncio.sleep(0.5)  # a will would arrive within milliseconds
+        # A barrier: the broker handles our close before another client's connect and publish,
+        # so a will would reach the subscriber before this marker.
+        async with make(broker.port) as other:
+            await asyncio.wait_for(other.publish("gw/marker", b"after"), QUICK)
+        await eventually(lambda: on_topic(live, "gw/marker"), what="the marker")
     assert [m.payload for m in on_topic(live, "gw/status")] == [b"online"]
     with Subscriber(broker.port, "gw/status") as later:
         await eventually(lambda: on_topic(later, "gw/status"), what="the retained status")

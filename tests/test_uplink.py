@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -171,8 +172,21 @@ async def test_backlog_larger_than_the_window_drains_with_no_new_events(
             assert task.done(), "the uplink ignored its cancellation"
 
 
+def supervision_ticks(h: Harness, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """From now on, the time of each of the uplink's supervision ticks (its held-alarm check)."""
+    ticks: list[float] = []
+    check = h.uplink._check_held_alarms
+
+    def counted() -> None:
+        ticks.append(time.monotonic())
+        check()
+
+    monkeypatch.setattr(h.uplink, "_check_held_alarms", counted)
+    return ticks
+
+
 async def test_a_late_alarm_in_a_drained_backlog_raises_trouble_once_and_clears_once(
-    tmp_path: Path, outbox: Outbox
+    tmp_path: Path, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 5000 routine events, then an alarm, while the broker is away: the alarm is late. When
     # the broker returns, the trouble must stay active until the alarm itself is at the
@@ -196,7 +210,8 @@ async def test_a_late_alarm_in_a_drained_backlog_raises_trouble_once_and_clears_
             await eventually(lambda: outbox.depth("police") == 0, 15)
             assert outbox.oldest_alarm_age("police") is None  # the alarm too is at the broker
             await eventually(lambda: troubles() == [EventState.ACTIVE, EventState.CLEARED], 5)
-            await asyncio.sleep(0.5)  # two supervision ticks: nothing more is raised
+            ticked = supervision_ticks(h, monkeypatch)
+            await eventually(lambda: len(ticked) >= 2, 5)  # two supervision ticks: nothing more raised
             assert troubles() == [EventState.ACTIVE, EventState.CLEARED]
     finally:
         await cancel_and_wait(task, timeout=5)
@@ -227,8 +242,11 @@ async def test_a_session_refused_right_after_connack_backs_off_instead_of_spinni
         task = await run(h)
         try:
             await eventually(lambda: accepted >= 2, 10)
-            first = accepted
-            await asyncio.sleep(2.0)  # backoff 0.05 s doubling to the 0.5 s cap: about 6 more
-            assert accepted - first <= 15, accepted
+            first, started = accepted, time.monotonic()
+            # Six more sessions: with the backoff (0.05 s doubling to the 0.5 s cap, +-50 %)
+            # they take at least 1.3 s; a tight loop would take milliseconds.
+            await eventually(lambda: accepted >= first + 6, 10)
+            took = time.monotonic() - started
+            assert (accepted - first) / took <= 15 / 2.0, (accepted, took)  # at most 15 in 2 s
         finally:
             await cancel_and_wait(task, timeout=5)

@@ -6,11 +6,12 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from drivers.modbus.pdu import READ_DISCRETE_INPUTS
+
 if TYPE_CHECKING:
     from simulators.alarm_box import AlarmBoxSimulator
 
 POLL = 0.01  # 10 ms: fine-grained enough for latency-sensitive tests, cheap on the CPU
-READ_DISCRETE_INPUTS = 2  # the Modbus function code an alarm box's inputs are polled with
 
 
 async def eventually(predicate: Callable[[], object], timeout: float = 10.0) -> None:
